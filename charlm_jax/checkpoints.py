@@ -1,0 +1,137 @@
+"""Workdir layout, orbax checkpoints, and loading a trained model back.
+
+DIR/config.json        the run's config (everything needed to rebuild the model)
+DIR/tokenizer.json     the tokenizer
+DIR/checkpoints/STEP/  orbax checkpoints: the latest and the best by validation loss
+DIR/summary.json       written at the end of training
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+from orbax.checkpoint import checkpoint_managers
+
+from charlm_jax import models
+from charlm_jax.errors import UserError
+from charlm_jax.tokenizers import CharTokenizer, load_tokenizer
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+CHECKPOINT_DIR = "checkpoints"
+SUMMARY_FILE = "summary.json"
+METRIC = "val_loss"
+
+
+def _val_loss(metrics: dict) -> float:
+    return metrics[METRIC]
+
+
+def open_manager(workdir: str | Path) -> ocp.CheckpointManager:
+    """A manager under DIR/checkpoints that keeps the latest and the best checkpoint."""
+    options = ocp.CheckpointManagerOptions(
+        best_fn=_val_loss,
+        best_mode="min",
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(
+            [
+                checkpoint_managers.LatestN(n=1),
+                checkpoint_managers.BestN(get_metric_fn=_val_loss, reverse=True, n=1),
+            ]
+        ),
+        # Synchronous: the train step donates its state buffers, so a save must finish
+        # reading them before the next step runs.
+        enable_async_checkpointing=False,
+    )
+    return ocp.CheckpointManager(
+        Path(workdir).absolute() / CHECKPOINT_DIR, options=options, item_names=("model", "opt")
+    )
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    model_state: nnx.State,
+    opt_state: nnx.State,
+    val_loss: float,
+) -> None:
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(model_state), opt=ocp.args.StandardSave(opt_state)
+        ),
+        metrics={METRIC: float(val_loss)},
+    )
+
+
+def resolve_step(manager: ocp.CheckpointManager, checkpoint: str | int) -> int:
+    """Maps "best", "latest" or a step number to a saved step."""
+    if checkpoint == "best":
+        step = manager.best_step()
+    elif checkpoint == "latest":
+        step = manager.latest_step()
+    else:
+        step = int(checkpoint)
+        if step not in manager.all_steps():
+            raise UserError(f"no checkpoint at step {step}; saved steps: {manager.all_steps()}")
+    if step is None:
+        raise UserError(f"no checkpoint found in {manager.directory}")
+    return step
+
+
+def restore(
+    manager: ocp.CheckpointManager,
+    step: int,
+    model_state: nnx.State,
+    opt_state: nnx.State | None = None,
+) -> tuple[nnx.State, nnx.State | None]:
+    """Restores the checkpoint at `step` into states shaped like the given ones."""
+
+    def target(state):
+        return ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+
+    items = {"model": target(model_state)}
+    if opt_state is not None:
+        items["opt"] = target(opt_state)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax raises many types for missing or damaged files
+        raise UserError(f"cannot restore checkpoint {step} in {manager.directory}: {e}") from None
+    return restored["model"], restored.get("opt") if opt_state is not None else None
+
+
+def save_run_files(workdir: Path, config: ml_collections.ConfigDict, tokenizer) -> None:
+    (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
+    tokenizer.save(workdir / TOKENIZER_FILE)
+
+
+def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    path = Path(workdir) / CONFIG_FILE
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the run's config {path}: {e}") from None
+
+
+def load_model(
+    workdir: str | Path, checkpoint: str | int = "best"
+) -> tuple[nnx.Module, CharTokenizer, ml_collections.ConfigDict]:
+    """Loads a trained model, its tokenizer and config from a workdir.
+
+    `checkpoint` is "best" (lowest validation loss), "latest" or a step number.
+    """
+    workdir = Path(workdir)
+    if not (workdir / CHECKPOINT_DIR).is_dir():
+        raise UserError(f"no checkpoints in {workdir}")
+    config = load_config(workdir)
+    tokenizer = load_tokenizer(workdir / TOKENIZER_FILE)
+    model = nnx.eval_shape(lambda: models.create_model(config, tokenizer.vocab_size, nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(model)
+    with open_manager(workdir) as manager:
+        step = resolve_step(manager, checkpoint)
+        state, _ = restore(manager, step, abstract_state)
+    return nnx.merge(graphdef, state), tokenizer, config

@@ -1,0 +1,55 @@
+"""Defaults shared by the config files in `configs/`, and their preset mechanism."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from charlm_jax.data import TINY_SHAKESPEARE_URL
+
+
+def base_config(model: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """The data and train sections every config has, around the given `model` section."""
+    config = ml_collections.ConfigDict()
+    config.model = ml_collections.ConfigDict(dict(model))
+
+    config.data = ml_collections.ConfigDict()
+    config.data.path = ""  # UTF-8 text file; "" = the tiny Shakespeare copy inside the package
+    config.data.download = False  # fetch data.download_url to data.path if that file is absent
+    config.data.download_url = TINY_SHAKESPEARE_URL
+    config.data.val_fraction = 0.1  # the last 10% of the text, by position
+    config.data.sequence_length = 128
+    config.data.allow_unknown = False  # map characters outside the vocabulary to <unk>
+
+    config.train = ml_collections.ConfigDict()
+    config.train.seed = 0
+    config.train.batch_size = 32
+    config.train.num_steps = 2000
+    config.train.learning_rate = 1e-3  # peak, after linear warmup; then cosine decay
+    config.train.min_learning_rate = 1e-4  # reached at num_steps
+    config.train.warmup_steps = 100
+    config.train.weight_decay = 0.1  # AdamW, on weight matrices and embeddings only
+    config.train.beta1 = 0.9
+    config.train.beta2 = 0.99
+    config.train.grad_clip_norm = 1.0
+    config.train.eval_every = 250  # steps; each evaluation also writes a checkpoint
+    config.train.eval_batches = 20
+    config.train.log_every = 50
+    return config
+
+
+def apply_preset(
+    config: ml_collections.ConfigDict, presets: Mapping[str, Mapping[str, Any]], name: str
+) -> ml_collections.ConfigDict:
+    """Applies `presets[name]`, a mapping of dotted field names to values."""
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(presets)}")
+    for dotted, value in presets[name].items():
+        section, field = dotted.split(".")
+        if field not in config[section]:
+            raise KeyError(f"preset {name!r} sets unknown field {dotted!r}")
+        config[section][field] = value
+    config.preset = name
+    return config

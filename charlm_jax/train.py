@@ -1,0 +1,286 @@
+"""The jitted train and eval steps, and the loop that drives them.
+
+The steps use Flax's functional pattern: the model and optimizer are split once into a
+static graph and a state pytree; each step merges them inside `jax.jit`, computes, and
+returns the new state (donated, so it is updated in place). Batches are drawn on the device
+from the step's RNG key (`fold_in(seed, step)`), so the host does no per-step work and a
+resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import parameter_overview
+from flax import nnx
+
+from charlm_jax import checkpoints, data, models
+from charlm_jax.errors import UserError
+from charlm_jax.tokenizers import CharTokenizer, load_tokenizer
+
+# Fields that must match to resume from a workdir's checkpoints (the state's shapes).
+RESUME_FIELDS = ("model", "data.sequence_length")
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with global-norm clipping and a linear-warmup, cosine-decay schedule.
+
+    `config` is the `train` section. Weight decay applies to matrices and embeddings only.
+    """
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=max(config.num_steps, config.warmup_steps + 1),
+        end_value=config.min_learning_rate,
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(config.grad_clip_norm),
+        optax.adamw(
+            schedule,
+            b1=config.beta1,
+            b2=config.beta2,
+            weight_decay=config.weight_decay,
+            mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+        ),
+    )
+    return tx, schedule
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in nats, computed in float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), targets
+    ).mean()
+
+
+def make_train_step(
+    model_def: nnx.GraphDef, opt_def: nnx.GraphDef, batch_size: int, sequence_length: int
+) -> Callable:
+    """(model_state, opt_state, tokens, key) -> (model_state, opt_state, metrics)."""
+
+    def loss_fn(model, inputs, targets, rngs):
+        return cross_entropy(model(inputs, train=True, rngs=rngs), targets)
+
+    def train_step(model_state, opt_state, tokens, key):
+        model, opt = nnx.merge(model_def, model_state), nnx.merge(opt_def, opt_state)
+        batch_key, dropout_key = jax.random.split(jax.random.fold_in(key, opt.step[...]))
+        inputs, targets = data.sample_batch(tokens, batch_key, batch_size, sequence_length)
+        loss, grads = nnx.value_and_grad(loss_fn)(
+            model, inputs, targets, nnx.Rngs(dropout=dropout_key)
+        )
+        opt.update(model, grads)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return nnx.state(model), nnx.state(opt), metrics
+
+    return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+def make_eval_step(
+    model_def: nnx.GraphDef, batch_size: int, sequence_length: int, num_batches: int
+) -> Callable:
+    """(model_state, tokens, key) -> mean loss over `num_batches` random batches."""
+
+    def eval_step(model_state, tokens, key):
+        model = nnx.merge(model_def, model_state)
+
+        def batch_loss(i):
+            inputs, targets = data.sample_batch(
+                tokens, jax.random.fold_in(key, i), batch_size, sequence_length
+            )
+            return cross_entropy(model(inputs), targets)
+
+        return jnp.mean(jax.lax.map(batch_loss, jnp.arange(num_batches)))
+
+    return jax.jit(eval_step)
+
+
+def _prepare_workdir(workdir: str | Path) -> Path:
+    if not str(workdir):
+        raise UserError("--workdir is empty")
+    workdir = Path(workdir).expanduser()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+    return workdir
+
+
+def _field(config: ml_collections.ConfigDict, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+
+
+def _check_resumable(config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict, workdir):
+    for name in RESUME_FIELDS:
+        if _field(config, name) != _field(saved, name):
+            raise UserError(
+                f"workdir {workdir} holds checkpoints of a run with a different {name} "
+                f"({_field(saved, name)} there, {_field(config, name)} now); "
+                "use a new --workdir or the same config to resume"
+            )
+
+
+def _format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Trains the configured model, evaluating and checkpointing every `train.eval_every`
+    steps, and returns (and writes to DIR/summary.json) a summary of the run.
+
+    A workdir that already holds checkpoints of the same model is resumed from its latest.
+    """
+    wall_start = time.perf_counter()
+    workdir = _prepare_workdir(workdir)
+    tc = config.train
+    batch_size, seq_len = tc.batch_size, config.data.sequence_length
+    if min(tc.num_steps, tc.eval_every, tc.log_every, tc.eval_batches, batch_size, seq_len) < 1:
+        raise UserError(
+            "train.num_steps, train.eval_every, train.log_every, train.eval_batches, "
+            "train.batch_size and data.sequence_length must all be positive"
+        )
+
+    manager = checkpoints.open_manager(workdir)
+    resume_step = manager.latest_step()
+    text = data.load_text(config.data)
+    if resume_step is not None:
+        _check_resumable(config, checkpoints.load_config(workdir), workdir)
+        tokenizer = load_tokenizer(workdir / checkpoints.TOKENIZER_FILE)
+    else:
+        tokenizer = CharTokenizer.from_text(text, allow_unknown=config.data.allow_unknown)
+    train_np, val_np = data.split_tokens(tokenizer.encode(text), config.data.val_fraction, seq_len)
+    train_tokens, val_tokens = jnp.asarray(train_np), jnp.asarray(val_np)
+
+    model = models.create_model(config, tokenizer.vocab_size, nnx.Rngs(tc.seed))
+    tx, schedule = create_optimizer(tc)
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    model_def, model_state = nnx.split(model)
+    opt_def, opt_state = nnx.split(opt)
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(model_state))
+    logging.info(
+        "Model %s, %s parameters:\n%s",
+        config.model.name,
+        f"{num_params:,}",
+        parameter_overview.get_parameter_overview(nnx.to_pure_dict(model_state)),
+    )
+
+    best_val = math.inf
+    if resume_step is None:
+        checkpoints.save_run_files(workdir, config, tokenizer)
+        start_step = 0
+    else:
+        model_state, opt_state = checkpoints.restore(manager, resume_step, model_state, opt_state)
+        best_val = manager.metrics(manager.best_step())[checkpoints.METRIC]
+        start_step = resume_step
+        logging.info(
+            "Resuming from step %d in %s (best val loss %.4f)", start_step, workdir, best_val
+        )
+    del model, opt
+
+    key = jax.random.key(tc.seed)
+    data_key, eval_key = jax.random.split(key)
+    train_step = make_train_step(model_def, opt_def, batch_size, seq_len)
+    train_step = train_step.lower(model_state, opt_state, train_tokens, data_key).compile()
+    eval_step = make_eval_step(model_def, batch_size, seq_len, tc.eval_batches)
+
+    def evaluate(state) -> tuple[float, float]:
+        # The same batches at every evaluation, so successive losses compare.
+        losses = [eval_step(state, tokens, eval_key) for tokens in (train_tokens, val_tokens)]
+        return tuple(float(x) for x in jax.device_get(losses))
+
+    tokens_per_step = batch_size * seq_len
+    train_seconds, timed_steps = 0.0, 0
+    history: list[dict] = []
+    train_loss = val_loss = None
+    step, pending = start_step, []
+    logging.info("Training %d steps of %d tokens from step %d", tc.num_steps, tokens_per_step, step)
+    tick = time.perf_counter()
+    while step < tc.num_steps:
+        model_state, opt_state, metrics = train_step(model_state, opt_state, train_tokens, data_key)
+        step += 1
+        pending.append(metrics)
+        is_eval = step % tc.eval_every == 0 or step == tc.num_steps
+        if not (is_eval or step % tc.log_every == 0):
+            continue
+        fetched = jax.device_get(pending)  # the only host sync between log intervals
+        train_seconds += time.perf_counter() - tick
+        timed_steps += len(pending)
+        pending = []
+        loss = float(np.mean([m["loss"] for m in fetched]))
+        if not math.isfinite(loss):
+            raise UserError(
+                f"training diverged: loss is {loss} at step {step}; checkpoints up to the last "
+                "evaluation are kept. Lower train.learning_rate or raise train.warmup_steps"
+            )
+        step_time = train_seconds / timed_steps
+        logging.info(
+            "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s  ETA %s",
+            step,
+            tc.num_steps,
+            loss,
+            fetched[-1]["grad_norm"],
+            float(schedule(step)),
+            tokens_per_step / step_time,
+            _format_duration((tc.num_steps - step) * step_time),
+        )
+        if is_eval:
+            train_loss, val_loss = evaluate(model_state)
+            best_val = min(best_val, val_loss)
+            checkpoints.save(manager, step, model_state, opt_state, val_loss)
+            history.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
+            logging.info(
+                "eval step %d: train loss %.4f  val loss %.4f  (best %.4f)",
+                step,
+                train_loss,
+                val_loss,
+                best_val,
+            )
+        tick = time.perf_counter()
+    manager.wait_until_finished()
+    manager.close()
+
+    summary = {
+        "model": config.model.name,
+        "preset": config.get("preset"),
+        "num_params": num_params,
+        "steps": step,
+        "resumed_from_step": resume_step,
+        "tokens_per_step": tokens_per_step,
+        "final_train_loss": train_loss,
+        "final_val_loss": val_loss,
+        "best_val_loss": best_val if math.isfinite(best_val) else None,
+        "train_tokens_per_sec": tokens_per_step * timed_steps / train_seconds
+        if timed_steps
+        else None,
+        "step_time_ms": 1000 * train_seconds / timed_steps if timed_steps else None,
+        "wall_time_s": time.perf_counter() - wall_start,
+        "num_devices": jax.device_count(),
+        "platform": jax.devices()[0].platform,
+        "history": history,
+    }
+    summary_path = workdir / checkpoints.SUMMARY_FILE
+    tmp = summary_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, summary_path)
+    logging.info("Done: %s", {k: v for k, v in summary.items() if k != "history"})
+    return summary

@@ -1,0 +1,32 @@
+"""Bengio / makemore-style MLP on characters: a window of previous characters -> next one.
+
+--config=configs/mlp.py[:PRESET]   PRESET: default (the default), small, medium, large
+"""
+
+import ml_collections
+
+from charlm_jax.config_defaults import apply_preset, base_config
+
+MODEL = dict(
+    name="mlp",
+    context_size=8,  # characters each prediction sees, the current one included
+    embedding_dim=32,
+    hidden_dim=256,
+    num_layers=2,
+    dropout_rate=0.0,
+)
+
+PRESETS = {
+    "default": {},
+    # The seed tutorial's sizes (embedding / hidden / layers).
+    "small": {"model.embedding_dim": 64, "model.hidden_dim": 128, "model.num_layers": 2},
+    "medium": {"model.embedding_dim": 128, "model.hidden_dim": 256, "model.num_layers": 4},
+    "large": {"model.embedding_dim": 256, "model.hidden_dim": 512, "model.num_layers": 6},
+}
+
+
+def get_config(preset: str = "default") -> ml_collections.ConfigDict:
+    config = apply_preset(base_config(MODEL), PRESETS, preset)
+    config.train.learning_rate = 3e-3
+    config.train.min_learning_rate = 3e-4
+    return config

@@ -1,0 +1,85 @@
+"""Decoder-only Transformer (GPT) on characters.
+
+--config=configs/transformer.py[:PRESET]   PRESET: default (the default), small, medium,
+                                           large, nanogpt_baby, nanogpt
+"""
+
+import ml_collections
+
+from charlm_jax.config_defaults import apply_preset, base_config
+
+MODEL = dict(
+    name="transformer",
+    embedding_dim=128,
+    hidden_dim=512,  # width of each block's MLP
+    num_layers=4,
+    num_heads=4,
+    dropout_rate=0.0,
+    position="learned",  # "learned" | "rope"
+    norm="layernorm",  # "layernorm" | "rmsnorm"
+    use_bias=False,
+)
+
+PRESETS = {
+    # Trains to readable Shakespeare-like text in about 5 minutes on a 2-core CPU.
+    "default": {},
+    # The seed tutorial's sizes (embedding / hidden / layers).
+    "small": {
+        "model.embedding_dim": 64,
+        "model.hidden_dim": 128,
+        "model.num_layers": 2,
+        "model.num_heads": 4,
+    },
+    "medium": {
+        "model.embedding_dim": 128,
+        "model.hidden_dim": 256,
+        "model.num_layers": 4,
+        "model.num_heads": 4,
+    },
+    "large": {
+        "model.embedding_dim": 256,
+        "model.hidden_dim": 512,
+        "model.num_layers": 6,
+        "model.num_heads": 8,
+        "model.dropout_rate": 0.1,
+        "train.num_steps": 5000,
+    },
+    # nanoGPT's "baby GPT" for CPU (README of karpathy/nanoGPT).
+    "nanogpt_baby": {
+        "model.embedding_dim": 128,
+        "model.hidden_dim": 512,
+        "model.num_layers": 4,
+        "model.num_heads": 4,
+        "model.dropout_rate": 0.0,
+        "data.sequence_length": 64,
+        "train.batch_size": 12,
+        "train.learning_rate": 1e-3,
+        "train.min_learning_rate": 1e-4,
+        "train.num_steps": 2000,
+        "train.warmup_steps": 100,
+        "train.beta2": 0.99,
+        "train.eval_every": 250,
+        "train.eval_batches": 20,
+    },
+    # nanoGPT's config/train_shakespeare_char.py (a GPU config).
+    "nanogpt": {
+        "model.embedding_dim": 384,
+        "model.hidden_dim": 1536,
+        "model.num_layers": 6,
+        "model.num_heads": 6,
+        "model.dropout_rate": 0.2,
+        "data.sequence_length": 256,
+        "train.batch_size": 64,
+        "train.learning_rate": 1e-3,
+        "train.min_learning_rate": 1e-4,
+        "train.num_steps": 5000,
+        "train.warmup_steps": 100,
+        "train.beta2": 0.99,
+        "train.eval_every": 250,
+        "train.eval_batches": 200,
+    },
+}
+
+
+def get_config(preset: str = "default") -> ml_collections.ConfigDict:
+    return apply_preset(base_config(MODEL), PRESETS, preset)

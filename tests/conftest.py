@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny configs and tiny data, so every test runs in seconds on a CPU."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the `configs` folder is imported as a package in tests
+
+from charlm_jax.data import embedded_tiny_shakespeare  # noqa: E402
+from configs import mlp, transformer  # noqa: E402
+
+TINY_MODEL = {
+    "transformer": {
+        "model.embedding_dim": 32,
+        "model.hidden_dim": 64,
+        "model.num_layers": 2,
+        "model.num_heads": 4,
+    },
+    "mlp": {"model.embedding_dim": 8, "model.hidden_dim": 32, "model.context_size": 4},
+}
+TINY_TRAIN = {
+    "data.sequence_length": 32,
+    "train.batch_size": 8,
+    "train.num_steps": 40,
+    "train.warmup_steps": 5,
+    "train.eval_every": 20,
+    "train.eval_batches": 2,
+    "train.log_every": 10,
+    "train.learning_rate": 3e-3,
+}
+
+
+def tiny_config(name: str = "transformer", **overrides):
+    config = {"transformer": transformer, "mlp": mlp}[name].get_config()
+    for dotted, value in {**TINY_MODEL[name], **TINY_TRAIN, **overrides}.items():
+        section, field = dotted.split(".")
+        config[section][field] = value
+    return config
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    """The first 20,000 characters of tiny Shakespeare."""
+    path = tmp_path / "text.txt"
+    path.write_text(embedded_tiny_shakespeare().read_text(encoding="utf-8")[:20_000])
+    return path

@@ -1,0 +1,81 @@
+"""End-to-end runs of `python -m charlm_jax.main`, in a subprocess as a user would run it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, TINY_MODEL, TINY_TRAIN
+
+CONFIG = str(ROOT / "configs" / "transformer.py")
+TINY_FLAGS = [f"--config.{k}={v}" for k, v in {**TINY_MODEL["transformer"], **TINY_TRAIN}.items()]
+
+
+def run_main(*args: str, config: str = CONFIG) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "charlm_jax.main", f"--config={config}", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+
+
+def test_trains_end_to_end_with_overrides(tmp_path, text_file):
+    workdir = tmp_path / "run"
+    result = run_main(
+        f"--workdir={workdir}",
+        *TINY_FLAGS,
+        f"--config.data.path={text_file}",
+        "--config.model.num_layers=1",
+        "--config.model.position=rope",
+        "--config.train.num_steps=20",
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["final_val_loss"] > 0
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["model"]["num_layers"] == 1 and saved["model"]["position"] == "rope"
+    # RoPE (no position table), 1 block of width 32 with MLP 64: token embedding, qkv, out,
+    # up, down, and 3 LayerNorm scales (no biases).
+    vocab = len(set(text_file.read_text()))
+    assert summary["num_params"] == vocab * 32 + 32 * 96 + 32 * 32 + 2 * 32 * 64 + 3 * 32
+    assert "step 20/20" in result.stderr and "tok/s" in result.stderr
+    assert "orbax" not in result.stderr  # library INFO chatter stays off the console
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    assert pattern in result.stderr.strip().splitlines()[-1], result.stderr
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda d: [f"--config.data.path={d / 'missing.txt'}"], "error: data file not found"),
+        (lambda d: [f"--config.data.path={d / 'empty.txt'}"], "error: data file is empty"),
+        (lambda d: [f"--config.data.path={d / 'short.txt'}"], "error: data too short"),
+        (lambda d: [f"--workdir={d / 'empty.txt' / 'run'}"], "error: workdir"),
+        (lambda d: ["--config.model.num_layer=2"], "num_layer"),
+        (lambda d: ["--config.train.batch_size=many"], "batch_size"),
+    ],
+    ids=[
+        "missing-data",
+        "empty-data",
+        "short-data",
+        "unwritable-workdir",
+        "unknown-key",
+        "bad-value",
+    ],
+)
+def test_bad_input_gives_one_line_error(tmp_path, make_args, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("To be, or not to be.")
+    result = run_main(f"--workdir={tmp_path / 'run'}", *TINY_FLAGS, *make_args(tmp_path))
+    assert_one_line_error(result, message)
+
+
+def test_unknown_preset_is_a_clear_error(tmp_path):
+    result = run_main(f"--workdir={tmp_path}", config=CONFIG + ":huge")
+    assert_one_line_error(result, "unknown preset 'huge'")

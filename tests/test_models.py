@@ -1,0 +1,74 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import nnx
+
+from charlm_jax.errors import UserError
+from charlm_jax.models import MLP, Transformer, create_model
+
+VOCAB = 11
+
+VARIANTS = [
+    ("transformer", {}),
+    ("transformer", {"model.position": "rope", "model.norm": "rmsnorm", "model.use_bias": True}),
+    ("mlp", {}),
+]
+
+
+def build(name, **overrides):
+    return create_model(tiny_config(name, **overrides), VOCAB, nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(("name", "overrides"), VARIANTS)
+def test_logits_shape(name, overrides):
+    model = build(name, **overrides)
+    tokens = jnp.zeros((3, 32), jnp.int32)
+    logits = model(tokens)
+    assert logits.shape == (3, 32, VOCAB)
+    assert logits.dtype == jnp.float32
+    assert model(tokens[:, :5]).shape == (3, 5, VOCAB)
+
+
+@pytest.mark.parametrize(("name", "overrides"), VARIANTS)
+def test_causal(name, overrides):
+    """Changing the token at position j never changes logits before j, and does change j."""
+    model = build(name, **overrides)
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, VOCAB)
+    base = np.asarray(model(tokens))
+    for j in (0, 7, 31):
+        changed = tokens.at[:, j].set((tokens[:, j] + 1) % VOCAB)
+        out = np.asarray(model(changed))
+        np.testing.assert_array_equal(out[:, :j], base[:, :j])
+        assert np.abs(out[:, j] - base[:, j]).max() > 1e-6
+
+
+def test_factory_builds_configured_classes():
+    assert isinstance(build("transformer"), Transformer)
+    assert isinstance(build("mlp"), MLP)
+    model = build("transformer", **{"model.num_layers": 3, "model.embedding_dim": 24})
+    assert len(model.blocks) == 3 and model.embed.embedding.shape == (VOCAB, 24)
+
+
+def test_mlp_window_is_context_size():
+    """The MLP's prediction at t depends on exactly the last context_size tokens."""
+    model = build("mlp", **{"model.context_size": 3})
+    tokens = jax.random.randint(jax.random.key(2), (1, 10), 0, VOCAB)
+    base = np.asarray(model(tokens))
+    out = np.asarray(model(tokens.at[:, 4].set((tokens[:, 4] + 1) % VOCAB)))
+    changed = np.abs(out - base).max(axis=-1)[0] > 1e-6
+    assert changed.tolist() == [False] * 4 + [True] * 3 + [False] * 3
+
+
+def test_too_long_sequence_is_an_error():
+    model = build("transformer")
+    with pytest.raises(ValueError, match="exceeds the model's context 32"):
+        model(jnp.zeros((1, 33), jnp.int32))
+
+
+def test_bad_architecture_fields():
+    with pytest.raises(UserError, match="not divisible"):
+        build("transformer", **{"model.num_heads": 5})
+    with pytest.raises(UserError, match="model.position"):
+        build("transformer", **{"model.position": "sinusoid"})

@@ -1,0 +1,126 @@
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import nnx
+
+from charlm_jax import checkpoints, data, models, train
+from charlm_jax.errors import UserError
+from charlm_jax.tokenizers import CharTokenizer
+
+
+@pytest.mark.parametrize("name", ["transformer", "mlp"])
+def test_loss_decreases_below_unigram_entropy(tmp_path, text_file, name):
+    """After 150 steps the model beats every context-free predictor of the text."""
+    config = tiny_config(
+        name,
+        **{
+            "data.path": str(text_file),
+            "train.num_steps": 150,
+            "train.batch_size": 16,
+            "train.eval_every": 50,
+        },
+    )
+    summary = train.train_and_evaluate(config, tmp_path / "run")
+    val_losses = [h["val_loss"] for h in summary["history"]]
+    _, counts = np.unique(list(text_file.read_text()), return_counts=True)
+    p = counts / counts.sum()
+    unigram_entropy = -(p * np.log(p)).sum()  # 3.28 nats
+    assert val_losses[-1] < val_losses[0]
+    assert val_losses[-1] < unigram_entropy - 0.25
+
+
+def test_summary_and_workdir_layout(tmp_path, text_file):
+    config = tiny_config(**{"data.path": str(text_file)})
+    workdir = tmp_path / "run"
+    summary = train.train_and_evaluate(config, workdir)
+    on_disk = json.loads((workdir / "summary.json").read_text())
+    assert on_disk == summary
+    for key in (
+        "num_params",
+        "steps",
+        "final_train_loss",
+        "final_val_loss",
+        "best_val_loss",
+        "train_tokens_per_sec",
+        "wall_time_s",
+        "num_devices",
+    ):
+        assert on_disk[key] is not None, key
+    assert summary["steps"] == 40 and summary["num_devices"] == jax.device_count()
+    assert summary["best_val_loss"] == min(h["val_loss"] for h in summary["history"])
+    assert [h["step"] for h in summary["history"]] == [20, 40]
+    assert (workdir / "config.json").exists() and (workdir / "tokenizer.json").exists()
+    best_step = min(summary["history"], key=lambda h: h["val_loss"])["step"]
+    kept = {int(p.name) for p in (workdir / "checkpoints").iterdir()}
+    assert kept == {40, best_step}  # the latest and the best
+
+
+def test_reloaded_checkpoint_reproduces_the_eval_loss(tmp_path, text_file):
+    """The latest checkpoint, loaded back, gives exactly the loss the run measured."""
+    config = tiny_config(**{"data.path": str(text_file), "train.num_steps": 20})
+    workdir = tmp_path / "run"
+    summary = train.train_and_evaluate(config, workdir)
+    model, tokenizer, loaded_config = checkpoints.load_model(workdir, "latest")
+    assert loaded_config.to_dict() == config.to_dict()
+    _, val = data.split_tokens(tokenizer.encode(text_file.read_text()), 0.1, 32)
+    eval_step = train.make_eval_step(nnx.graphdef(model), 8, 32, 2)
+    eval_key = jax.random.split(jax.random.key(config.train.seed))[1]
+    val_loss = float(eval_step(nnx.state(model), jax.numpy.asarray(val), eval_key))
+    assert val_loss == summary["final_val_loss"]
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    config = tiny_config()
+    model = models.create_model(config, 13, nnx.Rngs(3))
+    opt = nnx.Optimizer(model, train.create_optimizer(config.train)[0], wrt=nnx.Param)
+    tokenizer = CharTokenizer([chr(ord("a") + i) for i in range(13)])
+    checkpoints.save_run_files(tmp_path, config, tokenizer)
+    with checkpoints.open_manager(tmp_path) as manager:
+        checkpoints.save(manager, 7, nnx.state(model), nnx.state(opt), val_loss=1.5)
+    loaded, loaded_tokenizer, _ = checkpoints.load_model(tmp_path, "best")
+    tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, 13)
+    np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(model(tokens)))
+    assert loaded_tokenizer.chars == tokenizer.chars
+    assert checkpoints.load_model(tmp_path, 7)[0] is not None
+    with pytest.raises(UserError, match="no checkpoint at step 8"):
+        checkpoints.load_model(tmp_path, 8)
+
+
+def test_load_model_without_checkpoints(tmp_path):
+    with pytest.raises(UserError, match="no checkpoints in"):
+        checkpoints.load_model(tmp_path)
+
+
+def test_rerun_resumes_and_keeps_the_best_checkpoint(tmp_path, text_file):
+    config = tiny_config(**{"data.path": str(text_file), "train.num_steps": 20})
+    workdir = tmp_path / "run"
+    first = train.train_and_evaluate(config, workdir)
+    config.train.num_steps = 40
+    second = train.train_and_evaluate(config, workdir)
+    assert second["resumed_from_step"] == 20 and second["steps"] == 40
+    assert [h["step"] for h in second["history"]] == [40]
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
+    best_step = 20 if first["final_val_loss"] <= second["final_val_loss"] else 40
+    assert best_step in steps and 40 in steps
+    assert second["best_val_loss"] == min(first["final_val_loss"], second["final_val_loss"])
+
+
+def test_rerun_with_another_model_is_refused(tmp_path, text_file):
+    config = tiny_config(**{"data.path": str(text_file), "train.num_steps": 20})
+    train.train_and_evaluate(config, tmp_path / "run")
+    config.model.num_layers = 1
+    with pytest.raises(UserError, match="different model"):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / "20").is_dir()
+
+
+def test_learning_rate_schedule():
+    config = tiny_config(**{"train.num_steps": 100, "train.warmup_steps": 10}).train
+    _, schedule = train.create_optimizer(config)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(10)) == pytest.approx(config.learning_rate)
+    assert float(schedule(100)) == pytest.approx(config.min_learning_rate)
+    assert config.min_learning_rate < float(schedule(55)) < config.learning_rate
