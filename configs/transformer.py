@@ -21,8 +21,14 @@ MODEL = dict(
 )
 
 PRESETS = {
-    # Trains to readable Shakespeare-like text in about 5 minutes on a 2-core CPU.
-    "default": {},
+    # The nanogpt_baby model trained 2.5x longer on 16-sequence batches: readable
+    # Shakespeare-like text in about 5 minutes on a 2-core CPU.
+    "default": {
+        "data.sequence_length": 64,
+        "train.batch_size": 16,
+        "train.num_steps": 5000,
+        "train.eval_every": 500,
+    },
     # The seed tutorial's sizes (embedding / hidden / layers).
     "small": {
         "model.embedding_dim": 64,
