@@ -13,6 +13,7 @@ logits at position t depend only on tokens 0..t.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,23 +56,45 @@ class MLP(nnx.Module):
     def __call__(
         self, tokens: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
     ) -> jax.Array:
-        batch, time = tokens.shape
-        c = self.context_size
-        padded = jnp.pad(tokens, ((0, 0), (c - 1, 0)), constant_values=self.pad_id)
-        # windows[:, t, k] is the token at position t - (c - 1) + k.
-        windows = jnp.stack([padded[:, k : k + time] for k in range(c)], axis=-1)
+        padded = jnp.pad(tokens, ((0, 0), (self.context_size - 1, 0)), constant_values=self.pad_id)
+        return self._logits(padded, 0, tokens.shape[1], train=train, rngs=rngs)
+
+    def _logits(
+        self, padded: jax.Array, start, time: int, *, train: bool, rngs: nnx.Rngs | None
+    ) -> jax.Array:
+        """Logits for the `time` positions whose windows end at padded[:, start + c - 1 + t]."""
+        batch, c = padded.shape[0], self.context_size
+        # windows[:, t, k] is the token k - (c - 1) places before position t.
+        windows = jnp.stack(
+            [jax.lax.dynamic_slice_in_dim(padded, start + k, time, axis=1) for k in range(c)],
+            axis=-1,
+        )
         x = self.embed(windows).reshape(batch * time, -1)
         for layer in self.hidden:
             x = self.dropout(jnp.tanh(layer(x)), deterministic=not train, rngs=rngs)
         return self.head(x).reshape(batch, time, -1)
 
+    def init_cache(self, batch: int, length: int) -> jax.Array:
+        """The MLP's decoding cache is the token buffer itself."""
+        return jnp.full((batch, length), self.pad_id, jnp.int32)
+
+    def forward_cached(
+        self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: jax.Array, slot
+    ) -> tuple[jax.Array, jax.Array]:
+        """Writes `tokens` at buffer slots slot.. and returns their logits (see Transformer)."""
+        del positions  # the MLP only sees the window
+        cache = jax.lax.dynamic_update_slice_in_dim(cache, tokens, slot, axis=1)
+        visible = jnp.where(mask[:, -1, :], cache, self.pad_id)  # slots before a row's text
+        padded = jnp.pad(visible, ((0, 0), (self.context_size - 1, 0)), constant_values=self.pad_id)
+        return self._logits(padded, slot, tokens.shape[1], train=False, rngs=None), cache
+
 
 def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
-    """Rotary position embedding of x (batch, time, heads, head_dim) at `positions` (time,)."""
+    """Rotary position embedding of x (batch, time, heads, head_dim) at positions (batch, time)."""
     half = x.shape[-1] // 2
     freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[:, None] * freqs  # (time, half)
-    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+    angles = positions.astype(jnp.float32)[..., None] * freqs  # (batch, time, half)
+    cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
@@ -91,6 +114,13 @@ def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
     3-D activations XLA:CPU contracts two dimensions at once, about 2x slower.
     """
     return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
+class KVCache(NamedTuple):
+    """One attention layer's keys and values, each (batch, slots, heads, head_dim)."""
+
+    k: jax.Array
+    v: jax.Array
 
 
 class CausalSelfAttention(nnx.Module):
@@ -114,21 +144,35 @@ class CausalSelfAttention(nnx.Module):
         self.dropout = nnx.Dropout(dropout_rate)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, *, train: bool, rngs: nnx.Rngs | None
-    ) -> jax.Array:
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        *,
+        cache: KVCache | None = None,
+        slot=0,
+        train: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """x: (batch, time, dim); positions: (batch, time); mask: (batch, time, keys), True
+        where a query may attend a key. With a cache, the new keys and values are written
+        at slots slot..slot+time-1 and the queries attend over all cache slots."""
         batch, time, dim = x.shape
         head_dim = dim // self.num_heads
         qkv = dense(self.qkv, x).reshape(batch, time, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (batch, time, heads, head_dim)
         if self.use_rope:
             q, k = rope(q, positions), rope(k, positions)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, 1)
+            cache = KVCache(k, v)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
-        causal = jnp.tril(jnp.ones((time, time), dtype=bool))
-        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         weights = self.dropout(weights, deterministic=not train, rngs=rngs)
         y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, time, dim)
-        return self.dropout(dense(self.out, y), deterministic=not train, rngs=rngs)
+        return self.dropout(dense(self.out, y), deterministic=not train, rngs=rngs), cache
 
 
 class FeedForward(nnx.Module):
@@ -190,10 +234,21 @@ class Block(nnx.Module):
         )
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, *, train: bool, rngs: nnx.Rngs | None
-    ) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, train=train, rngs=rngs)
-        return x + self.mlp(self.mlp_norm(x), train=train, rngs=rngs)
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        *,
+        cache: KVCache | None = None,
+        slot=0,
+        train: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        y, cache = self.attn(
+            self.attn_norm(x), positions, mask, cache=cache, slot=slot, train=train, rngs=rngs
+        )
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x), train=train, rngs=rngs), cache
 
 
 class Transformer(nnx.Module):
@@ -251,15 +306,49 @@ class Transformer(nnx.Module):
             raise ValueError(
                 f"sequence of length {time} exceeds the model's context {self.max_length}"
             )
-        positions = jnp.arange(time)
+        positions = jnp.arange(time)[None]
+        mask = jnp.tril(jnp.ones((1, time, time), dtype=bool))
+        logits, _ = self._forward(tokens, positions, mask, None, 0, train=train, rngs=rngs)
+        return logits
+
+    def init_cache(self, batch: int, length: int) -> list[KVCache]:
+        """An empty KV cache of `length` slots per layer (length <= max_length)."""
+        dim = self.embed.features
+        heads = self.blocks[0].attn.num_heads
+        shape = (batch, length, heads, dim // heads)
+        return [KVCache(jnp.zeros(shape), jnp.zeros(shape)) for _ in self.blocks]
+
+    def forward_cached(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache: list[KVCache],
+        slot,
+    ) -> tuple[jax.Array, list[KVCache]]:
+        """Runs `tokens` (batch, time), placed at cache slots slot..slot+time-1, at the given
+        `positions` (batch, time), attending where `mask` (batch, time, slots) is True."""
+        return self._forward(tokens, positions, mask, cache, slot, train=False, rngs=None)
+
+    def _forward(self, tokens, positions, mask, cache, slot, *, train, rngs):
         x = self.embed(tokens)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = self.dropout(x, deterministic=not train, rngs=rngs)
-        for block in self.blocks:
-            x = block(x, positions, train=train, rngs=rngs)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(
+                x,
+                positions,
+                mask,
+                cache=None if cache is None else cache[i],
+                slot=slot,
+                train=train,
+                rngs=rngs,
+            )
+            new_cache.append(layer_cache)
         x = self.final_norm(x).reshape(-1, x.shape[-1])  # 2-D for a fast matmul, as in dense()
-        return self.embed.attend(x).reshape(*tokens.shape, -1)
+        return self.embed.attend(x).reshape(*tokens.shape, -1), new_cache
 
 
 def create_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs) -> nnx.Module:

@@ -1,0 +1,258 @@
+"""Sampling from a trained model: the whole decode loop runs in one jitted function.
+
+Prompts of different lengths share one batch: each row is right-aligned in a token buffer of
+the model's context length, the slots before it are masked out, and its positions count from
+its own first character, so every row decodes exactly as it would alone. The Transformer
+keeps a KV cache (the prompt is prefilled once, then one token per step); the MLP's cache is
+the token buffer.
+
+Context policy: when a row's text fills the model's context, its oldest half is dropped and
+the cache is rebuilt from the rest in one prefill (positions then count from the kept
+text's start), so every prediction sees at least half a context of text. Within the context,
+cached decoding equals running the model on the whole text.
+
+Token choice, per row: top-k filtering, then top-p (nucleus) on the remaining probabilities,
+then temperature; temperature 0 is greedy. Row r draws from fold_in(fold_in(seed, r), step),
+so the same seed gives the same text and a row's text does not depend on its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from charlm_jax import checkpoints
+from charlm_jax.tokenizers import CharTokenizer
+
+STREAM_CHUNK = 16  # tokens per jitted call when streaming
+MIN_OUTPUT_BUCKET = 64  # output buffers are sized to powers of two from here
+
+
+class DecodeState(NamedTuple):
+    tokens: jax.Array  # (batch, context) the window of text, right-aligned per row at start
+    filled: jax.Array  # () slots of `tokens` in use; the next token goes to this slot
+    pad: jax.Array  # (batch,) slots before each row's text
+    cache: object  # the model's cache pytree
+    logits: jax.Array  # (batch, vocab) logits of the next token
+    step: jax.Array  # () tokens generated so far
+
+
+class SamplingParams(NamedTuple):
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+
+
+def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_tokens: int):
+    """Raises ValueError naming the first bad argument."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Sets to -inf the logits (vocab,) outside the top k (k=0: all), then outside the
+    smallest set of the remaining tokens whose probability reaches top_p."""
+    vocab = logits.shape[-1]
+    descending = -jnp.sort(-logits)
+    keep_k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    descending = jnp.where(jnp.arange(vocab) < keep_k, descending, -jnp.inf)
+    probs = jax.nn.softmax(descending)
+    keep_p = jnp.sum(jnp.cumsum(probs) - probs < top_p)  # >= 1: the top token always stays
+    threshold = descending[keep_p - 1]
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def choose_token(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
+    """One row's next token from its logits (vocab,)."""
+    logits = logits.astype(jnp.float32)
+    filtered = filter_logits(logits, params.top_k, params.top_p)
+    temperature = jnp.maximum(params.temperature, 1e-6)
+    sampled = jax.random.categorical(key, filtered / temperature)
+    return jnp.where(params.temperature > 0, sampled, jnp.argmax(logits)).astype(jnp.int32)
+
+
+def _attention_inputs(query_slots: jax.Array, pad: jax.Array, num_slots: int):
+    """Positions (batch, time) and mask (batch, time, slots) for queries at `query_slots`."""
+    keys = jnp.arange(num_slots)
+    mask = (keys <= query_slots[:, None]) & (keys >= pad[:, None, None])
+    positions = jnp.maximum(query_slots[None, :] - pad[:, None], 0)
+    return positions, mask
+
+
+def prefill(model, tokens: jax.Array, filled: jax.Array, pad: jax.Array):
+    """Runs the whole buffer through the model; returns its cache and the logits after the
+    last filled slot."""
+    batch, length = tokens.shape
+    positions, mask = _attention_inputs(jnp.arange(length), pad, length)
+    logits, cache = model.forward_cached(
+        tokens, positions, mask, model.init_cache(batch, length), 0
+    )
+    return cache, jax.lax.dynamic_index_in_dim(logits, filled - 1, axis=1, keepdims=False)
+
+
+def append_token(model, state: DecodeState, token: jax.Array) -> DecodeState:
+    """Appends one token per row and computes the next logits."""
+    length = state.tokens.shape[1]
+
+    def make_room(s: DecodeState) -> DecodeState:
+        # A row whose text fills the context drops its oldest half; the others keep their
+        # text. The buffer moves left by the smallest drop (rows stay right-aligned) and the
+        # pad of each row then hides what it dropped.
+        keep_from = jnp.where(s.pad == 0, length // 2, s.pad)
+        move = jnp.min(keep_from)
+        return s._replace(
+            tokens=jnp.roll(s.tokens, -move, axis=1), filled=s.filled - move, pad=keep_from - move
+        )
+
+    full = state.filled == length
+    state = jax.lax.cond(full, make_room, lambda s: s, state)
+    slot = state.filled
+    tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], slot, axis=1)
+
+    def decode_one():
+        positions, mask = _attention_inputs(slot[None], state.pad, length)
+        logits, cache = model.forward_cached(token[:, None], positions, mask, state.cache, slot)
+        return cache, logits[:, 0]
+
+    cache, logits = jax.lax.cond(
+        full, lambda: prefill(model, tokens, slot + 1, state.pad), decode_one
+    )
+    return DecodeState(tokens, slot + 1, state.pad, cache, logits, state.step + 1)
+
+
+def _bucket(n: int) -> int:
+    return max(MIN_OUTPUT_BUCKET, 1 << max(n - 1, 0).bit_length())
+
+
+class Sampler:
+    """Generates text from a trained model.
+
+        sampler = Sampler.from_workdir("runs/default", checkpoint="best")
+        sampler.generate(["ROMEO:", "JULIET:"], max_new_tokens=200, temperature=0.8)
+
+    `sampler.model` is the NNX module (`model(tokens)` gives logits) and `sampler.tokenizer`
+    its tokenizer.
+    """
+
+    def __init__(self, model: nnx.Module, tokenizer: CharTokenizer, context_length: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        graphdef, self._state = nnx.split(model)
+        self._start_id = int(tokenizer.encode("\n")[0]) if "\n" in tokenizer.chars else 0
+
+        def start(state, tokens, filled, pad):
+            model = nnx.merge(graphdef, state)
+            cache, logits = prefill(model, tokens, filled, pad)
+            return DecodeState(tokens, filled, pad, cache, logits, jnp.int32(0))
+
+        def decode(state, dstate, row_keys, params, num_steps, out_len):
+            model = nnx.merge(graphdef, state)
+
+            def body(i, carry):
+                dstate, out = carry
+                keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, dstate.step)
+                token = jax.vmap(choose_token, (0, 0, None))(dstate.logits, keys, params)
+                out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
+                return append_token(model, dstate, token), out
+
+            out = jnp.zeros((dstate.tokens.shape[0], out_len), jnp.int32)
+            return jax.lax.fori_loop(0, num_steps, body, (dstate, out))
+
+        self._start = jax.jit(start)
+        self._decode = jax.jit(decode, static_argnames="out_len", donate_argnums=1)
+
+    @classmethod
+    def from_workdir(cls, workdir: str | Path, checkpoint: str | int = "best") -> Sampler:
+        """Loads a trained workdir; `checkpoint` is "best", "latest" or a step number."""
+        model, tokenizer, config = checkpoints.load_model(workdir, checkpoint)
+        return cls(model, tokenizer, config.data.sequence_length)
+
+    def _encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, int, np.ndarray]:
+        length = self.context_length
+        rows = []
+        for prompt in prompts:
+            ids = self.tokenizer.encode(prompt) if prompt else np.array([self._start_id])
+            rows.append(ids[-length:])  # a longer prompt keeps its last `length` characters
+        filled = max(len(r) for r in rows)
+        tokens = np.zeros((len(rows), length), np.int32)
+        pad = np.array([filled - len(r) for r in rows], np.int32)
+        for row, (ids, p) in enumerate(zip(rows, pad, strict=True)):
+            tokens[row, p:filled] = ids
+        return tokens, filled, pad
+
+    def stream(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 200,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        chunk: int | None = None,
+    ) -> Iterator[list[str]]:
+        """Yields, per chunk of steps, the new text of each row (the continuations only)."""
+        check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+        if not prompts:
+            return
+        tokens, filled, pad = self._encode_prompts(prompts)
+        dstate = self._start(self._state, tokens, np.int32(filled), pad)
+        seed_key = jax.random.key(seed)
+        row_keys = jax.vmap(jax.random.fold_in, (None, 0))(seed_key, jnp.arange(len(prompts)))
+        params = SamplingParams(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+        out_len = _bucket(max_new_tokens) if chunk is None else chunk
+        done = 0
+        while done < max_new_tokens:
+            n = min(out_len, max_new_tokens - done)
+            dstate, out = self._decode(self._state, dstate, row_keys, params, n, out_len=out_len)
+            yield [self.tokenizer.decode(row[:n]) for row in np.asarray(out)]
+            done += n
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 200,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: str | None = None,
+    ) -> list[str]:
+        """Returns each prompt's continuation (without the prompt), cut before `stop`."""
+        texts = ["" for _ in prompts]
+        for pieces in self.stream(prompts, max_new_tokens, temperature, top_k, top_p, seed):
+            texts = [t + p for t, p in zip(texts, pieces, strict=True)]
+        if stop:
+            texts = [t.split(stop, 1)[0] for t in texts]
+        return texts
+
+    def log_probs(self, text: str) -> np.ndarray:
+        """Log-probabilities (nats) of each character of `text` after the first, given the
+        ones before it (in windows of the model's context)."""
+        ids = self.tokenizer.encode(text)
+        out = []
+        for start in range(0, max(len(ids) - 1, 0), self.context_length):
+            window = jnp.asarray(ids[start : start + self.context_length + 1])[None]
+            logp = jax.nn.log_softmax(self.model(window[:, :-1]).astype(jnp.float32))
+            out.append(np.asarray(jnp.take_along_axis(logp, window[:, 1:, None], -1))[0, :, 0])
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def perplexity(self, text: str) -> float:
+        """exp of the mean negative log-probability per character of `text` (after the first)."""
+        logp = self.log_probs(text)
+        if not len(logp):
+            raise ValueError("perplexity needs a text of at least 2 characters")
+        return math.exp(-float(logp.mean()))

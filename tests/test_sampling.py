@@ -1,0 +1,165 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import nnx
+
+from charlm_jax import models
+from charlm_jax.sampling import Sampler, SamplingParams, choose_token, filter_logits
+from charlm_jax.tokenizers import CharTokenizer, UnknownCharacterError
+
+TEXT = "abcdefghij klmnop\n"
+CONTEXT = 32
+
+VARIANTS = [
+    ("transformer", {}),
+    ("transformer", {"model.position": "rope", "model.norm": "rmsnorm"}),
+    ("mlp", {}),
+]
+
+
+def make_sampler(name="transformer", **overrides) -> Sampler:
+    tokenizer = CharTokenizer.from_text(TEXT)
+    config = tiny_config(name, **{"data.sequence_length": CONTEXT, **overrides})
+    # A larger init than training's makes the random model's logits far from uniform.
+    model = models.create_model(config, tokenizer.vocab_size, nnx.Rngs(7))
+    state = nnx.state(model)
+    state = jax.tree.map(lambda p: p * 8 if p.ndim > 1 else p, state)
+    nnx.update(model, state)
+    return Sampler(model, tokenizer, CONTEXT)
+
+
+def greedy_reference(sampler: Sampler, prompt: str, steps: int) -> tuple[str, list[np.ndarray]]:
+    """Greedy decoding that reruns the model on the whole text, with the sampler's policy
+    for a full context: drop the oldest half."""
+    ctx = list(sampler.tokenizer.encode(prompt))
+    out, all_logits = [], []
+    for _ in range(steps):
+        logits = np.asarray(sampler.model(jnp.asarray([ctx]))[0, -1])
+        all_logits.append(logits)
+        token = int(np.argmax(logits))
+        out.append(token)
+        ctx.append(token)
+        if len(ctx) > CONTEXT:
+            ctx = ctx[CONTEXT // 2 :]
+    return sampler.tokenizer.decode(out), all_logits
+
+
+@pytest.mark.parametrize(("name", "overrides"), VARIANTS)
+def test_cached_greedy_equals_full_recomputation(name, overrides):
+    sampler = make_sampler(name, **overrides)
+    prompt = "abc def"
+    expected, ref_logits = greedy_reference(sampler, prompt, CONTEXT - len(prompt))
+    assert sampler.generate([prompt], CONTEXT - len(prompt), temperature=0.0)[0] == expected
+    # The logits too: the first step comes from the prefill, the rest from the cache.
+    tokens, filled, pad = sampler._encode_prompts([prompt])
+    dstate = sampler._start(sampler._state, tokens, np.int32(filled), pad)
+    np.testing.assert_allclose(np.asarray(dstate.logits[0]), ref_logits[0], atol=1e-4)
+    greedy = SamplingParams(jnp.float32(0), jnp.int32(0), jnp.float32(1))
+    keys = jax.random.split(jax.random.key(0), 1)
+    dstate, _ = sampler._decode(sampler._state, dstate, keys, greedy, 5, out_len=64)
+    np.testing.assert_allclose(np.asarray(dstate.logits[0]), ref_logits[5], atol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "overrides"), VARIANTS)
+def test_beyond_the_context_follows_the_documented_policy(name, overrides):
+    sampler = make_sampler(name, **overrides)
+    steps = 3 * CONTEXT  # several refills of the window
+    expected, _ = greedy_reference(sampler, "ab", steps)
+    out = sampler.generate(["ab"], steps, temperature=0.0)[0]
+    assert len(out) == steps and out == expected
+
+
+@pytest.mark.parametrize(("name", "overrides"), VARIANTS)
+def test_each_row_of_a_batch_decodes_as_if_alone(name, overrides):
+    sampler = make_sampler(name, **overrides)
+    prompts = ["a", "klmnop abc de", "", "j" * (CONTEXT + 5)]
+    for kwargs in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 3}):
+        batch = sampler.generate(prompts, 2 * CONTEXT, **kwargs)
+        alone = [sampler.generate([p], 2 * CONTEXT, **kwargs)[0] for p in prompts[:1]]
+        assert batch[0] == alone[0]
+        # Rows other than 0 draw from keys of their own index: compare greedy everywhere.
+        if kwargs["temperature"] == 0.0:
+            assert batch == [sampler.generate([p], 2 * CONTEXT, **kwargs)[0] for p in prompts]
+
+
+def test_seeds_reproduce_and_differ():
+    sampler = make_sampler()
+    a = sampler.generate(["ab", "cd"], 50, seed=1)
+    assert a == sampler.generate(["ab", "cd"], 50, seed=1)
+    assert a != sampler.generate(["ab", "cd"], 50, seed=2)
+    assert a[0] != a[1]
+    assert all(len(t) == 50 and set(t) <= set(TEXT) for t in a)
+
+
+def test_stop_string_and_streaming():
+    sampler = make_sampler()
+    full = sampler.generate(["ab"], 40, seed=0)[0]
+    pieces = list(sampler.stream(["ab"], 40, seed=0, chunk=16))
+    assert [len(p[0]) for p in pieces] == [16, 16, 8]
+    assert "".join(p[0] for p in pieces) == full
+    stop = full[10:12]
+    assert sampler.generate(["ab"], 40, seed=0, stop=stop)[0] == full[: full.index(stop)]
+
+
+def test_no_recompilation_for_new_prompts_and_lengths():
+    sampler = make_sampler()
+    sampler.generate(["a", "bcd"], 30, seed=0)
+    size = sampler._decode._cache_size()
+    sampler.generate(["abcdefgh", ""], 50, temperature=0.5, top_k=3, top_p=0.9, seed=4)
+    sampler.generate(["k", "lm"], 64, temperature=0.0)
+    assert sampler._decode._cache_size() == size
+
+
+def test_filter_logits():
+    logits = jnp.array([1.0, 3.0, 2.0, 0.0, -1.0])
+    kept = lambda k, p: np.isfinite(np.asarray(filter_logits(logits, jnp.int32(k), jnp.float32(p))))  # noqa: E731
+    assert kept(0, 1.0).all()
+    assert kept(1, 1.0).tolist() == [False, True, False, False, False]
+    assert kept(3, 1.0).tolist() == [True, True, True, False, False]
+    assert kept(0, 0.01).tolist() == [False, True, False, False, False]
+    # softmax = [.086, .636, .234, .032, .012]: 0.8 needs the top two.
+    assert kept(0, 0.8).tolist() == [False, True, True, False, False]
+
+
+def test_sampling_follows_the_distribution():
+    logits = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+    params = SamplingParams(jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0))
+    keys = jax.random.split(jax.random.key(0), 20_000)
+    draws = jax.vmap(choose_token, (None, 0, None))(logits, keys, params)
+    freq = np.bincount(np.asarray(draws), minlength=4) / 20_000
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.015)
+    greedy = params._replace(temperature=jnp.float32(0.0))
+    assert int(choose_token(logits, keys[0], greedy)) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"max_new_tokens": -5}, "max_new_tokens must be >= 0"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_sampler().generate(["ab"], **{"max_new_tokens": 5, **kwargs})
+
+
+def test_unknown_character_in_prompt():
+    with pytest.raises(UnknownCharacterError, match="unknown character 'Z'"):
+        make_sampler().generate(["abZ"], 5)
+
+
+def test_log_probs_and_perplexity():
+    sampler = make_sampler()
+    text = "abc defg hij" * 5  # longer than the context: scored in windows
+    logp = sampler.log_probs(text)
+    assert logp.shape == (len(text) - 1,) and (logp <= 0).all()
+    ids = sampler.tokenizer.encode(text[:10])
+    direct = jax.nn.log_softmax(sampler.model(jnp.asarray(ids[None, :-1])))[0]
+    np.testing.assert_allclose(logp[:9], np.asarray(direct)[np.arange(9), ids[1:]], atol=1e-5)
+    assert sampler.perplexity(text) == pytest.approx(np.exp(-logp.mean()), rel=1e-5)
