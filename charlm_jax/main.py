@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from charlm_jax import train
+from charlm_jax import cli, train
 from charlm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -29,27 +29,6 @@ def _quiet_libraries(record: pylogging.LogRecord) -> bool:
     return record.levelno >= pylogging.WARNING or f"{__package__}/" in record.pathname
 
 
-def _one_line(error: BaseException) -> str:
-    while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError())
-        error = error.args[0]
-    text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if any(line.startswith("Traceback") for line in lines):
-        lines = lines[-1:]  # config_flags embeds the config file's traceback: keep its last line
-    return " ".join(lines)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """Parses flags; a bad flag, config file, preset or config field exits with one line."""
-    try:
-        remaining = FLAGS(argv)
-        FLAGS.config.to_dict()  # a config file that failed to load only raises when used
-    except Exception as e:  # absl and ml_collections raise many types
-        prefix = "unknown config field " if isinstance(e, (AttributeError, KeyError)) else ""
-        sys.exit(f"error: {prefix}{_one_line(e)}")
-    return remaining
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -61,4 +40,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    # A config file that failed to load raises only when used: check it while parsing.
+    app.run(main, flags_parser=cli.flags_parser(lambda: FLAGS.config.to_dict()))

@@ -172,8 +172,28 @@ class Sampler:
             out = jnp.zeros((dstate.tokens.shape[0], out_len), jnp.int32)
             return jax.lax.fori_loop(0, num_steps, body, (dstate, out))
 
+        def beam(state, dstate, num_steps, out_len):
+            model = nnx.merge(graphdef, state)
+            beams = dstate.tokens.shape[0]
+
+            def body(i, carry):
+                dstate, scores, out = carry
+                logp = jax.nn.log_softmax(dstate.logits.astype(jnp.float32))
+                scores, flat = jax.lax.top_k((scores[:, None] + logp).reshape(-1), beams)
+                parent, token = flat // logp.shape[1], (flat % logp.shape[1]).astype(jnp.int32)
+                dstate = jax.tree.map(lambda x: x[parent] if x.ndim else x, dstate)
+                out = jax.lax.dynamic_update_slice_in_dim(out[parent], token[:, None], i, axis=1)
+                return append_token(model, dstate, token), scores, out
+
+            # All beams start as copies of the prompt: only the first may expand at step 0.
+            scores = jnp.where(jnp.arange(beams) == 0, 0.0, -jnp.inf)
+            out = jnp.zeros((beams, out_len), jnp.int32)
+            _, scores, out = jax.lax.fori_loop(0, num_steps, body, (dstate, scores, out))
+            return out[jnp.argmax(scores)], jnp.max(scores)
+
         self._start = jax.jit(start)
         self._decode = jax.jit(decode, static_argnames="out_len", donate_argnums=1)
+        self._beam = jax.jit(beam, static_argnames="out_len")
 
     @classmethod
     def from_workdir(cls, workdir: str | Path, checkpoint: str | int = "best") -> Sampler:
@@ -225,19 +245,46 @@ class Sampler:
         self,
         prompts: Sequence[str],
         max_new_tokens: int = 200,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         seed: int = 0,
         stop: str | None = None,
+        beam_size: int = 1,
     ) -> list[str]:
-        """Returns each prompt's continuation (without the prompt), cut before `stop`."""
-        texts = ["" for _ in prompts]
-        for pieces in self.stream(prompts, max_new_tokens, temperature, top_k, top_p, seed):
-            texts = [t + p for t, p in zip(texts, pieces, strict=True)]
+        """Returns each prompt's continuation (without the prompt), cut before `stop`.
+
+        Sampling defaults: temperature 1, no top-k (0), no top-p (1). With `beam_size` > 1,
+        beam search returns the most probable continuation of `max_new_tokens` characters;
+        it takes no sampling options.
+        """
+        if beam_size > 1:
+            if (temperature, top_k, top_p) != (None, None, None):
+                raise ValueError("beam_size > 1 is deterministic: drop temperature, top_k, top_p")
+            texts = [self.beam_search(p, beam_size, max_new_tokens) for p in prompts]
+        else:
+            if beam_size < 1:
+                raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+            texts = ["" for _ in prompts]
+            options = (
+                1.0 if temperature is None else temperature,
+                0 if top_k is None else top_k,
+                1.0 if top_p is None else top_p,
+            )
+            for pieces in self.stream(prompts, max_new_tokens, *options, seed=seed):
+                texts = [t + p for t, p in zip(texts, pieces, strict=True)]
         if stop:
             texts = [t.split(stop, 1)[0] for t in texts]
         return texts
+
+    def beam_search(self, prompt: str, beam_size: int, max_new_tokens: int) -> str:
+        """The continuation of `max_new_tokens` characters with the highest total
+        log-probability found by a beam of `beam_size`."""
+        check_sampling_args(0.0, 0, 1.0, max_new_tokens)
+        tokens, filled, pad = self._encode_prompts([prompt] * beam_size)
+        dstate = self._start(self._state, tokens, np.int32(filled), pad)
+        out, _ = self._beam(self._state, dstate, max_new_tokens, out_len=_bucket(max_new_tokens))
+        return self.tokenizer.decode(np.asarray(out)[:max_new_tokens])
 
     def log_probs(self, text: str) -> np.ndarray:
         """Log-probabilities (nats) of each character of `text` after the first, given the

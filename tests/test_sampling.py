@@ -163,3 +163,28 @@ def test_log_probs_and_perplexity():
     direct = jax.nn.log_softmax(sampler.model(jnp.asarray(ids[None, :-1])))[0]
     np.testing.assert_allclose(logp[:9], np.asarray(direct)[np.arange(9), ids[1:]], atol=1e-5)
     assert sampler.perplexity(text) == pytest.approx(np.exp(-logp.mean()), rel=1e-5)
+
+
+def beam_reference(sampler: Sampler, prompt: str, beam_size: int, steps: int) -> str:
+    """Plain beam search that reruns the model on each beam's whole text."""
+    beams = [(0.0, list(sampler.tokenizer.encode(prompt)))]
+    for _ in range(steps):
+        candidates = []
+        for score, ids in beams:
+            logp = jax.nn.log_softmax(sampler.model(jnp.asarray([ids]))[0, -1])
+            candidates += [(score + float(lp), ids + [t]) for t, lp in enumerate(logp)]
+        beams = sorted(candidates, key=lambda c: -c[0])[:beam_size]
+    return sampler.tokenizer.decode(beams[0][1][len(prompt) :])
+
+
+@pytest.mark.parametrize("name", ["transformer", "mlp"])
+def test_beam_search_matches_a_plain_implementation(name):
+    sampler = make_sampler(name)
+    assert sampler.generate(["ab"], 12, beam_size=3) == [beam_reference(sampler, "ab", 3, 12)]
+    # A beam of one is greedy decoding.
+    assert sampler.beam_search("ab", 1, 12) == sampler.generate(["ab"], 12, temperature=0.0)[0]
+
+
+def test_beam_search_rejects_sampling_options():
+    with pytest.raises(ValueError, match="beam_size > 1 is deterministic"):
+        make_sampler().generate(["ab"], 5, beam_size=2, temperature=0.5)

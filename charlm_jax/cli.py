@@ -1,0 +1,36 @@
+"""What the command-line entry points share: flag parsing that fails in one line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from absl import flags
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` on one line (absl and ml_collections nest and format theirs)."""
+    while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError())
+        error = error.args[0]
+    text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        lines = lines[-1:]  # config_flags embeds the config file's traceback: keep its last line
+    return " ".join(lines)
+
+
+def flags_parser(check: Callable[[], object] | None = None) -> Callable[[list[str]], list[str]]:
+    """A `flags_parser` for `absl.app.run`: a bad flag (or a failing `check()` after
+    parsing) exits with one line naming the problem."""
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            remaining = flags.FLAGS(argv)
+            if check is not None:
+                check()
+        except Exception as e:  # absl and ml_collections raise many types
+            prefix = "unknown config field " if isinstance(e, (AttributeError, KeyError)) else ""
+            sys.exit(f"error: {prefix}{one_line(e)}")
+        return remaining
+
+    return parse

@@ -1,0 +1,86 @@
+"""End-to-end runs of `python -m charlm_jax.generate` on a tiny trained workdir."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, tiny_config
+from test_cli import assert_one_line_error
+
+from charlm_jax import train
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gen")
+    text = tmp / "text.txt"
+    text.write_text("ROMEO: to be or not to be\nJULIET: that is the question\n" * 50)
+    config = tiny_config(**{"data.path": str(text), "train.num_steps": 20})
+    train.train_and_evaluate(config, tmp / "run")
+    return tmp / "run"
+
+
+def run_generate(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "charlm_jax.generate", *args],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, input=stdin,
+    )  # fmt: skip
+
+
+def test_prompt_and_samples(workdir):
+    result = run_generate(
+        f"--workdir={workdir}", "--prompt=ROMEO:", "--num_samples=2", "--max_new_tokens=30",
+        "--top_k=5", "--top_p=0.9", "--temperature=0.7", "--checkpoint=latest",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    samples = result.stdout.split("-" * 40 + "\n")
+    assert len(samples) == 2
+    assert all(s.startswith("ROMEO:") and len(s.rstrip("\n")) >= 6 for s in samples)
+
+
+def test_prompts_file_and_beam_search(workdir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ROMEO:\nJULIET: that\n\n")
+    result = run_generate(
+        f"--workdir={workdir}", f"--prompts_file={prompts}", "--max_new_tokens=10",
+        "--beam_size=3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    samples = result.stdout.split("-" * 40 + "\n")
+    assert len(samples) == 3
+    assert samples[0].startswith("ROMEO:") and samples[1].startswith("JULIET: that")
+
+
+def test_interactive_session(workdir):
+    session = "temp 0.5\nlength 12\ntemp -1\ntopk many\nROMEO:\nhelp\nquit\n"
+    result = run_generate(f"--workdir={workdir}", "--interactive", stdin=session)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "temperature = 0.5" in out and "max_new_tokens = 12" in out
+    assert "error: temperature must be >= 0" in out
+    assert "error: invalid literal for int() with base 10: 'many'" in out
+    assert out.count("Commands:") == 4  # at start, after each bad command, on `help`
+    answer = next(line for line in out.splitlines() if "ROMEO:" in line)
+    assert len(answer.split("ROMEO:", 1)[1]) == 12
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt=ROMEO Zed"], "error: unknown character 'Z'"),
+        (["--temperature=-1"], "error: temperature must be >= 0"),
+        (["--top_p=2"], "error: top_p must be in (0, 1]"),
+        (["--beam_size=2", "--temperature=0.5"], "error: beam_size > 1 is deterministic"),
+        (["--checkpoint=999"], "error: no checkpoint at step 999"),
+        (["--prompts_file=/nonexistent/prompts.txt"], "error: cannot read prompts file"),
+    ],
+)
+def test_bad_input(workdir, args, message):
+    assert_one_line_error(run_generate(f"--workdir={workdir}", *args), message)
+
+
+def test_missing_workdir(tmp_path):
+    assert_one_line_error(
+        run_generate(f"--workdir={tmp_path / 'nope'}"), "error: no checkpoints in"
+    )
+    assert_one_line_error(run_generate(), "error: flag --workdir=None")
