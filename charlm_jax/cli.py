@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import logging as pylogging
 import sys
 from collections.abc import Callable
 
-from absl import flags
+from absl import flags, logging
+
+PACKAGE_DIR = "charlm_jax/"
+
+
+def _keep_record(record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or PACKAGE_DIR in record.pathname
+
+
+def quiet_library_logs() -> None:
+    """Shows this package's INFO lines and everyone's warnings; orbax and jax log every file
+    they touch at INFO."""
+    logging.get_absl_handler().addFilter(_keep_record)
 
 
 def one_line(error: BaseException) -> str:

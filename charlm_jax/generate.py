@@ -97,6 +97,7 @@ def interactive(sampler: Sampler, settings: dict) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.quiet_library_logs()
     try:
         if FLAGS.num_samples < 1:
             raise UserError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")

@@ -4,10 +4,9 @@
         [--config.model.num_layers=6 ...]
 """
 
-import logging as pylogging
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from charlm_jax import cli, train
@@ -24,15 +23,10 @@ config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _quiet_libraries(record: pylogging.LogRecord) -> bool:
-    """Keeps this package's INFO lines and everyone's warnings (orbax logs every file at INFO)."""
-    return record.levelno >= pylogging.WARNING or f"{__package__}/" in record.pathname
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.get_absl_handler().addFilter(_quiet_libraries)
+    cli.quiet_library_logs()
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except UserError as e:

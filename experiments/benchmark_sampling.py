@@ -1,0 +1,94 @@
+"""Decode speed of the KV-cache sampler against the naive loop that reruns the model on the
+whole (cropped) context for every new token, as nanoGPT's sampler does; same model, same
+machine, both jitted. Weights are random: speed does not depend on them.
+
+    python experiments/benchmark_sampling.py --presets=nanogpt_baby,small,nanogpt \
+        --batch_sizes=1,16 --new_tokens=500
+"""
+
+import statistics
+import string
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `configs`
+
+from charlm_jax import models  # noqa: E402
+from charlm_jax.sampling import Sampler, SamplingParams, choose_token  # noqa: E402
+from charlm_jax.tokenizers import CharTokenizer  # noqa: E402
+from configs import transformer  # noqa: E402
+
+flags.DEFINE_list("presets", ["nanogpt_baby", "small", "nanogpt"], "Transformer presets.")
+flags.DEFINE_list("batch_sizes", ["1", "16"], "Rows sampled at once.")
+flags.DEFINE_integer("new_tokens", 500, "Tokens generated per row.")
+flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (the median is reported).")
+FLAGS = flags.FLAGS
+
+
+def naive_sampler(model: nnx.Module, context: int):
+    """nanoGPT's loop, jitted: each step runs the model on the last `context` tokens."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, prompt, key, num_steps):
+        model = nnx.merge(graphdef, state)
+        batch = prompt.shape[0]
+        params = SamplingParams(jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0))
+
+        def body(i, carry):
+            buf, filled = carry
+            logits = model(buf)[jnp.arange(batch), filled - 1]
+            keys = jax.random.split(jax.random.fold_in(key, i), batch)
+            token = jax.vmap(choose_token, (0, 0, None))(logits, keys, params)
+            full = filled == context
+            buf = jnp.where(full, jnp.roll(buf, -1, axis=1), buf)
+            filled = jnp.where(full, filled - 1, filled)
+            return buf.at[:, filled].set(token), filled + 1
+
+        buf = jnp.zeros((batch, context), jnp.int32).at[:, :1].set(prompt)
+        return jax.lax.fori_loop(0, num_steps, body, (buf, jnp.int32(1)))[0]
+
+    return lambda prompt, steps: run(state, prompt, jax.random.key(0), steps)
+
+
+def median_seconds(fn) -> float:
+    jax.block_until_ready(fn())  # compile
+    times = []
+    for _ in range(FLAGS.repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv):
+    del argv
+    tokenizer = CharTokenizer.from_text(string.printable[:65])
+    print(f"{jax.devices()[0].device_kind}, {FLAGS.new_tokens} new tokens per row\n")
+    print("| preset | context | batch | KV cache tok/s | naive tok/s | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for preset in FLAGS.presets:
+        config = transformer.get_config(preset)
+        context = config.data.sequence_length
+        model = models.create_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+        sampler, naive = Sampler(model, tokenizer, context), naive_sampler(model, context)
+        for batch in map(int, FLAGS.batch_sizes):
+            prompts = ["\n"] * batch
+            cached_s = median_seconds(lambda: sampler.generate(prompts, FLAGS.new_tokens))  # noqa: B023
+            prompt = jnp.zeros((batch, 1), jnp.int32)
+            naive_s = median_seconds(lambda: naive(prompt, FLAGS.new_tokens))  # noqa: B023
+            tokens = batch * FLAGS.new_tokens
+            print(
+                f"| {preset} | {context} | {batch} | {tokens / cached_s:,.0f} | "
+                f"{tokens / naive_s:,.0f} | {naive_s / cached_s:.1f}x |"
+            )
+
+
+if __name__ == "__main__":
+    app.run(main)
