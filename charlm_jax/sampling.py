@@ -103,34 +103,63 @@ def prefill(model, tokens: jax.Array, filled: jax.Array, pad: jax.Array):
     return cache, jax.lax.dynamic_index_in_dim(logits, filled - 1, axis=1, keepdims=False)
 
 
-def append_token(model, state: DecodeState, token: jax.Array) -> DecodeState:
-    """Appends one token per row and computes the next logits."""
+def _make_room(s: DecodeState) -> DecodeState:
+    # A row whose text fills the context drops its oldest half; the others keep their text.
+    # The buffer moves left by the smallest drop (rows stay right-aligned) and each row's pad
+    # then hides what it dropped.
+    keep_from = jnp.where(s.pad == 0, s.tokens.shape[1] // 2, s.pad)
+    move = jnp.min(keep_from)
+    return s._replace(
+        tokens=jnp.roll(s.tokens, -move, axis=1), filled=s.filled - move, pad=keep_from - move
+    )
+
+
+def _decode_one(model, s: DecodeState, token: jax.Array) -> DecodeState:
+    """Appends one token per row to a buffer with room, through the cache."""
+    slot = s.filled
+    tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], slot, axis=1)
+    positions, mask = _attention_inputs(slot[None], s.pad, s.tokens.shape[1])
+    logits, cache = model.forward_cached(token[:, None], positions, mask, s.cache, slot)
+    return DecodeState(tokens, slot + 1, s.pad, cache, logits[:, 0], s.step + 1)
+
+
+def _refill(model, s: DecodeState, token: jax.Array) -> DecodeState:
+    """Appends one token per row to a full buffer: make room, then prefill."""
+    s = _make_room(s)
+    tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.filled, axis=1)
+    cache, logits = prefill(model, tokens, s.filled + 1, s.pad)
+    return DecodeState(tokens, s.filled + 1, s.pad, cache, logits, s.step + 1)
+
+
+def run_steps(model, state: DecodeState, extra, num_steps, choose):
+    """Runs `num_steps` steps of `state, extra, token = choose(i, state, extra)` followed by
+    appending `token`. Cached steps run in an inner loop while the buffer has room; a refill
+    step runs between those loops, so the hot loop has no branch."""
     length = state.tokens.shape[1]
 
-    def make_room(s: DecodeState) -> DecodeState:
-        # A row whose text fills the context drops its oldest half; the others keep their
-        # text. The buffer moves left by the smallest drop (rows stay right-aligned) and the
-        # pad of each row then hides what it dropped.
-        keep_from = jnp.where(s.pad == 0, length // 2, s.pad)
-        move = jnp.min(keep_from)
-        return s._replace(
-            tokens=jnp.roll(s.tokens, -move, axis=1), filled=s.filled - move, pad=keep_from - move
+    def step_with(append):
+        def step(i, carry):
+            state, extra, token = choose(i, *carry)
+            return append(model, state, token), extra
+
+        return step
+
+    def segment(carry):
+        i, state, extra = carry
+        end = i + jnp.minimum(num_steps - i, length - state.filled)
+        state, extra = jax.lax.fori_loop(i, end, step_with(_decode_one), (state, extra))
+        state, extra = jax.lax.cond(
+            end < num_steps,
+            lambda c: step_with(_refill)(end, c),
+            lambda c: c,
+            (state, extra),
         )
+        return jnp.minimum(end + 1, num_steps), state, extra
 
-    full = state.filled == length
-    state = jax.lax.cond(full, make_room, lambda s: s, state)
-    slot = state.filled
-    tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], slot, axis=1)
-
-    def decode_one():
-        positions, mask = _attention_inputs(slot[None], state.pad, length)
-        logits, cache = model.forward_cached(token[:, None], positions, mask, state.cache, slot)
-        return cache, logits[:, 0]
-
-    cache, logits = jax.lax.cond(
-        full, lambda: prefill(model, tokens, slot + 1, state.pad), decode_one
+    _, state, extra = jax.lax.while_loop(
+        lambda c: c[0] < num_steps, segment, (jnp.int32(0), state, extra)
     )
-    return DecodeState(tokens, slot + 1, state.pad, cache, logits, state.step + 1)
+    return state, extra
 
 
 def _bucket(n: int) -> int:
@@ -160,35 +189,32 @@ class Sampler:
             return DecodeState(tokens, filled, pad, cache, logits, jnp.int32(0))
 
         def decode(state, dstate, row_keys, params, num_steps, out_len):
-            model = nnx.merge(graphdef, state)
-
-            def body(i, carry):
-                dstate, out = carry
+            def choose(i, dstate, out):
                 keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, dstate.step)
                 token = jax.vmap(choose_token, (0, 0, None))(dstate.logits, keys, params)
                 out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
-                return append_token(model, dstate, token), out
+                return dstate, out, token
 
             out = jnp.zeros((dstate.tokens.shape[0], out_len), jnp.int32)
-            return jax.lax.fori_loop(0, num_steps, body, (dstate, out))
+            return run_steps(nnx.merge(graphdef, state), dstate, out, num_steps, choose)
 
         def beam(state, dstate, num_steps, out_len):
-            model = nnx.merge(graphdef, state)
             beams = dstate.tokens.shape[0]
 
-            def body(i, carry):
-                dstate, scores, out = carry
+            def choose(i, dstate, extra):
+                scores, out = extra
                 logp = jax.nn.log_softmax(dstate.logits.astype(jnp.float32))
                 scores, flat = jax.lax.top_k((scores[:, None] + logp).reshape(-1), beams)
                 parent, token = flat // logp.shape[1], (flat % logp.shape[1]).astype(jnp.int32)
                 dstate = jax.tree.map(lambda x: x[parent] if x.ndim else x, dstate)
                 out = jax.lax.dynamic_update_slice_in_dim(out[parent], token[:, None], i, axis=1)
-                return append_token(model, dstate, token), scores, out
+                return dstate, (scores, out), token
 
             # All beams start as copies of the prompt: only the first may expand at step 0.
             scores = jnp.where(jnp.arange(beams) == 0, 0.0, -jnp.inf)
             out = jnp.zeros((beams, out_len), jnp.int32)
-            _, scores, out = jax.lax.fori_loop(0, num_steps, body, (dstate, scores, out))
+            model = nnx.merge(graphdef, state)
+            _, (scores, out) = run_steps(model, dstate, (scores, out), num_steps, choose)
             return out[jnp.argmax(scores)], jnp.max(scores)
 
         self._start = jax.jit(start)
