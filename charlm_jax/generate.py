@@ -116,7 +116,7 @@ def main(argv: list[str]) -> None:
             prompts, FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
             seed=FLAGS.seed, stop=FLAGS.stop, beam_size=FLAGS.beam_size,
         )  # fmt: skip
-    except (UserError, ValueError) as e:
+    except ValueError as e:  # UserError is one; so are bad sampling options
         sys.exit(f"error: {e}")
     for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
         if i:

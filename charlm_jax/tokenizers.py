@@ -13,7 +13,7 @@ from charlm_jax.errors import UserError
 UNK_TEXT = "\ufffd"  # what an unknown-character id decodes to
 
 
-class UnknownCharacterError(UserError, ValueError):
+class UnknownCharacterError(UserError):
     """Text holds a character that is not in the tokenizer's vocabulary."""
 
 

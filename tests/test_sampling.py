@@ -188,3 +188,8 @@ def test_beam_search_matches_a_plain_implementation(name):
 def test_beam_search_rejects_sampling_options():
     with pytest.raises(ValueError, match="beam_size > 1 is deterministic"):
         make_sampler().generate(["ab"], 5, beam_size=2, temperature=0.5)
+
+
+def test_missing_workdir_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoints in"):
+        Sampler.from_workdir(tmp_path / "nope")
