@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
@@ -32,17 +33,23 @@ def _val_loss(metrics: dict) -> float:
     return metrics[METRIC]
 
 
-def open_manager(workdir: str | Path) -> ocp.CheckpointManager:
-    """A manager under DIR/checkpoints that keeps the latest and the best checkpoint."""
+def open_manager(workdir: str | Path, keep_latest: int = 1) -> ocp.CheckpointManager:
+    """A manager under DIR/checkpoints that keeps the latest `keep_latest` checkpoints and the
+    best one by validation loss (checkpoints saved without a loss count only as latest)."""
     options = ocp.CheckpointManagerOptions(
         best_fn=_val_loss,
         best_mode="min",
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(
             [
-                checkpoint_managers.LatestN(n=1),
-                checkpoint_managers.BestN(get_metric_fn=_val_loss, reverse=True, n=1),
+                checkpoint_managers.LatestN(n=keep_latest),
+                checkpoint_managers.BestN(
+                    get_metric_fn=_val_loss,
+                    reverse=True,
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                ),
             ]
-        ),
+        ),  # fmt: skip
         # Synchronous: the train step donates its state buffers, so a save must finish
         # reading them before the next step runs.
         enable_async_checkpointing=False,
@@ -57,15 +64,22 @@ def save(
     step: int,
     model_state: nnx.State,
     opt_state: nnx.State,
-    val_loss: float,
+    val_loss: float | None = None,
 ) -> None:
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardSave(model_state), opt=ocp.args.StandardSave(opt_state)
-        ),
-        metrics={METRIC: float(val_loss)},
-    )
+    """Saves a checkpoint; without `val_loss` it can only be kept as one of the latest."""
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardSave(model_state), opt=ocp.args.StandardSave(opt_state)
+            ),
+            metrics=None if val_loss is None else {METRIC: float(val_loss)},
+        )
+    except OSError as e:
+        raise UserError(
+            f"cannot write checkpoint {step} in {manager.directory}: {e.strerror or e}; "
+            f"earlier checkpoints are intact: {manager.all_steps()}"
+        ) from None
 
 
 def resolve_step(manager: ocp.CheckpointManager, checkpoint: str | int) -> int:
@@ -102,6 +116,25 @@ def restore(
     except Exception as e:  # orbax raises many types for missing or damaged files
         raise UserError(f"cannot restore checkpoint {step} in {manager.directory}: {e}") from None
     return restored["model"], restored.get("opt") if opt_state is not None else None
+
+
+def restore_latest_good(
+    manager: ocp.CheckpointManager, model_state: nnx.State, opt_state: nnx.State
+) -> tuple[int, nnx.State, nnx.State]:
+    """Restores the newest checkpoint that reads back. Unreadable newer ones are moved to
+    DIR/checkpoints_unreadable/ (kept, never deleted) with a warning."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored_model, restored_opt = restore(manager, step, model_state, opt_state)
+        except UserError as e:
+            aside = Path(manager.directory).parent / "checkpoints_unreadable" / str(step)
+            aside.parent.mkdir(exist_ok=True)
+            (Path(manager.directory) / str(step)).rename(aside)
+            logging.warning("%s; moved it to %s and trying the previous one", e, aside)
+            manager.reload()
+            continue
+        return step, restored_model, restored_opt
+    raise UserError(f"no readable checkpoint in {manager.directory}")
 
 
 def save_run_files(workdir: Path, config: ml_collections.ConfigDict, tokenizer) -> None:

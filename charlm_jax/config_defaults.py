@@ -27,6 +27,7 @@ def base_config(model: Mapping[str, Any]) -> ml_collections.ConfigDict:
     config.train.seed = 0
     config.train.batch_size = 32
     config.train.num_steps = 2000
+    config.train.num_epochs = 0.0  # > 0: train this many passes over the training tokens instead
     config.train.learning_rate = 1e-3  # peak, after linear warmup; then cosine decay
     config.train.min_learning_rate = 1e-4  # reached at num_steps
     config.train.warmup_steps = 100
@@ -37,6 +38,10 @@ def base_config(model: Mapping[str, Any]) -> ml_collections.ConfigDict:
     config.train.eval_every = 250  # steps; each evaluation also writes a checkpoint
     config.train.eval_batches = 20
     config.train.log_every = 50
+    config.train.checkpoint_every = 0  # steps between extra checkpoints (0: evaluations only)
+    config.train.keep_checkpoints = 1  # the latest K are kept, and the best by val loss
+    config.train.early_stopping_patience = 0  # stop after this many evaluations without
+    config.train.early_stopping_min_delta = 0.0  # an improvement of val loss by this (0: off)
     return config
 
 

@@ -28,9 +28,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.quiet_library_logs()
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except UserError as e:
         sys.exit(f"error: {e}")
+    if summary["stop_reason"].startswith("interrupted"):
+        sys.exit(
+            f"{summary['stop_reason']}: checkpoint saved at step {summary['steps']}; "
+            "run the same command to resume"
+        )
 
 
 if __name__ == "__main__":

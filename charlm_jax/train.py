@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +27,12 @@ from absl import logging
 from clu import parameter_overview
 from flax import nnx
 
-from charlm_jax import checkpoints, data, models
+from charlm_jax import checkpoints, data, models, plotting
 from charlm_jax.errors import UserError
+from charlm_jax.metrics import MetricsLog, TrainMetrics
 from charlm_jax.tokenizers import CharTokenizer, load_tokenizer
+
+LOSS_CURVE_FILE = "loss_curve.png"
 
 # Fields that must match to resume from a workdir's checkpoints (the state's shapes).
 RESUME_FIELDS = ("model", "data.sequence_length")
@@ -83,7 +88,7 @@ def make_train_step(
             model, inputs, targets, nnx.Rngs(dropout=dropout_key)
         )
         opt.update(model, grads)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        metrics = TrainMetrics.single_from_model_output(loss=loss, grad_norm=optax.tree.norm(grads))
         return nnx.state(model), nnx.state(opt), metrics
 
     return jax.jit(train_step, donate_argnums=(0, 1))
@@ -144,38 +149,80 @@ def _format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
+class _StopSignals:
+    """While active, SIGINT and SIGTERM ask the loop to checkpoint and stop; a second one
+    stops at once."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        logging.warning("%s received: saving a checkpoint, then stopping", self.received)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def evals_without_improvement(val_losses: list[float], min_delta: float) -> int:
+    """Evaluations since the last one that beat every earlier loss by more than min_delta."""
+    best, since = math.inf, 0
+    for loss in val_losses:
+        if loss < best - min_delta:
+            best, since = loss, 0
+        else:
+            since += 1
+    return since
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Trains the configured model, evaluating and checkpointing every `train.eval_every`
     steps, and returns (and writes to DIR/summary.json) a summary of the run.
 
-    A workdir that already holds checkpoints of the same model is resumed from its latest.
+    A workdir that already holds checkpoints of the same model is resumed from its latest
+    readable one, exactly: batches and dropout derive from (seed, step).
     """
     wall_start = time.perf_counter()
     workdir = _prepare_workdir(workdir)
     tc = config.train
     batch_size, seq_len = tc.batch_size, config.data.sequence_length
+    tokens_per_step = batch_size * seq_len
     if min(tc.num_steps, tc.eval_every, tc.log_every, tc.eval_batches, batch_size, seq_len) < 1:
         raise UserError(
             "train.num_steps, train.eval_every, train.log_every, train.eval_batches, "
             "train.batch_size and data.sequence_length must all be positive"
         )
 
-    manager = checkpoints.open_manager(workdir)
-    resume_step = manager.latest_step()
+    manager = checkpoints.open_manager(workdir, keep_latest=max(tc.keep_checkpoints, 1))
+    resuming = bool(manager.all_steps())
     text = data.load_text(config.data)
-    if resume_step is not None:
+    if resuming:
         _check_resumable(config, checkpoints.load_config(workdir), workdir)
         tokenizer = load_tokenizer(workdir / checkpoints.TOKENIZER_FILE)
     else:
         tokenizer = CharTokenizer.from_text(text, allow_unknown=config.data.allow_unknown)
     train_np, val_np = data.split_tokens(tokenizer.encode(text), config.data.val_fraction, seq_len)
     train_tokens, val_tokens = jnp.asarray(train_np), jnp.asarray(val_np)
+    if tc.num_epochs > 0:
+        tc.num_steps = max(1, math.ceil(tc.num_epochs * len(train_np) / tokens_per_step))
+        logging.info("%g epochs of %d tokens: %d steps", tc.num_epochs, len(train_np), tc.num_steps)
 
     model = models.create_model(config, tokenizer.vocab_size, nnx.Rngs(tc.seed))
     tx, schedule = create_optimizer(tc)
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     model_def, model_state = nnx.split(model)
     opt_def, opt_state = nnx.split(opt)
+    del model, opt
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(model_state))
     logging.info(
         "Model %s, %s parameters:\n%s",
@@ -184,18 +231,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         parameter_overview.get_parameter_overview(nnx.to_pure_dict(model_state)),
     )
 
-    best_val = math.inf
-    if resume_step is None:
+    if resuming:
+        start_step, model_state, opt_state = checkpoints.restore_latest_good(
+            manager, model_state, opt_state
+        )
+        logging.info("Resuming from step %d in %s", start_step, workdir)
+    else:
         checkpoints.save_run_files(workdir, config, tokenizer)
         start_step = 0
-    else:
-        model_state, opt_state = checkpoints.restore(manager, resume_step, model_state, opt_state)
-        best_val = manager.metrics(manager.best_step())[checkpoints.METRIC]
-        start_step = resume_step
-        logging.info(
-            "Resuming from step %d in %s (best val loss %.4f)", start_step, workdir, best_val
-        )
-    del model, opt
+    log = MetricsLog(workdir, start_step)
+    val_history = [r["val_loss"] for r in log.evals()]
+    best_val = min(val_history, default=math.inf)
 
     key = jax.random.key(tc.seed)
     data_key, eval_key = jax.random.split(key)
@@ -208,63 +254,85 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         losses = [eval_step(state, tokens, eval_key) for tokens in (train_tokens, val_tokens)]
         return tuple(float(x) for x in jax.device_get(losses))
 
-    tokens_per_step = batch_size * seq_len
     train_seconds, timed_steps = 0.0, 0
-    history: list[dict] = []
     train_loss = val_loss = None
+    stop_reason = "num_steps"
     step, pending = start_step, []
     logging.info("Training %d steps of %d tokens from step %d", tc.num_steps, tokens_per_step, step)
-    tick = time.perf_counter()
-    while step < tc.num_steps:
-        model_state, opt_state, metrics = train_step(model_state, opt_state, train_tokens, data_key)
-        step += 1
-        pending.append(metrics)
-        is_eval = step % tc.eval_every == 0 or step == tc.num_steps
-        if not (is_eval or step % tc.log_every == 0):
-            continue
-        fetched = jax.device_get(pending)  # the only host sync between log intervals
-        train_seconds += time.perf_counter() - tick
-        timed_steps += len(pending)
-        pending = []
-        loss = float(np.mean([m["loss"] for m in fetched]))
-        if not math.isfinite(loss):
-            raise UserError(
-                f"training diverged: loss is {loss} at step {step}; checkpoints up to the last "
-                "evaluation are kept. Lower train.learning_rate or raise train.warmup_steps"
-            )
-        step_time = train_seconds / timed_steps
-        logging.info(
-            "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s  ETA %s",
-            step,
-            tc.num_steps,
-            loss,
-            fetched[-1]["grad_norm"],
-            float(schedule(step)),
-            tokens_per_step / step_time,
-            _format_duration((tc.num_steps - step) * step_time),
-        )
-        if is_eval:
-            train_loss, val_loss = evaluate(model_state)
-            best_val = min(best_val, val_loss)
-            checkpoints.save(manager, step, model_state, opt_state, val_loss)
-            history.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
-            logging.info(
-                "eval step %d: train loss %.4f  val loss %.4f  (best %.4f)",
-                step,
-                train_loss,
-                val_loss,
-                best_val,
-            )
+    with _StopSignals() as signals:
         tick = time.perf_counter()
+        while step < tc.num_steps:
+            model_state, opt_state, metrics = train_step(
+                model_state, opt_state, train_tokens, data_key
+            )
+            step += 1
+            pending.append(metrics)
+            is_eval = step % tc.eval_every == 0 or step == tc.num_steps or signals.received
+            is_checkpoint = tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0
+            if not (is_eval or is_checkpoint or step % tc.log_every == 0):
+                continue
+            fetched = jax.device_get(pending)  # the only host sync between log intervals
+            train_seconds += time.perf_counter() - tick
+            timed_steps += len(pending)
+            pending = []
+            averaged = TrainMetrics.empty()
+            for m in fetched:
+                averaged = averaged.merge(m)
+            values = {k: float(v) for k, v in averaged.compute().items()}
+            if not math.isfinite(values["loss"]):
+                raise UserError(
+                    f"training diverged: loss is {values['loss']} by step {step}; the last "
+                    f"good checkpoint is step {manager.latest_step()}. Lower "
+                    "train.learning_rate or raise train.warmup_steps"
+                )
+            step_time = train_seconds / timed_steps
+            values.update(
+                lr=float(schedule(step - 1)), tokens_per_sec=tokens_per_step / step_time,
+                tokens=step * tokens_per_step,
+            )  # fmt: skip
+            log.write(step, "train", **values)
+            logging.info(
+                "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s  ETA %s",
+                step, tc.num_steps, values["loss"], values["grad_norm"], values["lr"],
+                values["tokens_per_sec"], _format_duration((tc.num_steps - step) * step_time),
+            )  # fmt: skip
+            if is_eval:
+                train_loss, val_loss = evaluate(model_state)
+                best_val = min(best_val, val_loss)
+                val_history.append(val_loss)
+                checkpoints.save(manager, step, model_state, opt_state, val_loss)
+                log.write(step, "eval", train_loss=train_loss, val_loss=val_loss,
+                          tokens=step * tokens_per_step)  # fmt: skip
+                plotting.plot_loss_curve(log.history, workdir / LOSS_CURVE_FILE, str(workdir))
+                logging.info(
+                    "eval step %d: train loss %.4f  val loss %.4f  (best %.4f)",
+                    step, train_loss, val_loss, best_val,
+                )  # fmt: skip
+                patience = tc.early_stopping_patience
+                stale = evals_without_improvement(val_history, tc.early_stopping_min_delta)
+                if signals.received:
+                    stop_reason = f"interrupted by {signals.received}"
+                    break
+                if patience > 0 and stale >= patience:
+                    stop_reason = (
+                        f"early stopping: no val loss improvement > "
+                        f"{tc.early_stopping_min_delta:g} in {stale} evaluations"
+                    )
+                    break
+            elif is_checkpoint:
+                checkpoints.save(manager, step, model_state, opt_state)
+            tick = time.perf_counter()
     manager.wait_until_finished()
     manager.close()
+    log.close()
 
     summary = {
         "model": config.model.name,
         "preset": config.get("preset"),
         "num_params": num_params,
         "steps": step,
-        "resumed_from_step": resume_step,
+        "stop_reason": stop_reason,
+        "resumed_from_step": start_step if resuming else None,
         "tokens_per_step": tokens_per_step,
         "final_train_loss": train_loss,
         "final_val_loss": val_loss,
@@ -276,11 +344,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "wall_time_s": time.perf_counter() - wall_start,
         "num_devices": jax.device_count(),
         "platform": jax.devices()[0].platform,
-        "history": history,
+        "history": log.evals(),
     }
     summary_path = workdir / checkpoints.SUMMARY_FILE
     tmp = summary_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, summary_path)
-    logging.info("Done: %s", {k: v for k, v in summary.items() if k != "history"})
+    logging.info("Done (%s): %s", stop_reason,
+                 {k: v for k, v in summary.items() if k != "history"})  # fmt: skip
     return summary

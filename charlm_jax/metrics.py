@@ -1,0 +1,53 @@
+"""Training metrics: averaged with clu, logged to DIR/metrics.jsonl (the run's history, read by
+the plots) and to TensorBoard event files in DIR/tensorboard (tensorboardX: no TensorFlow)."""
+
+import json
+from pathlib import Path
+
+import flax
+import tensorboardX
+from clu import metrics as clu_metrics
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+@flax.struct.dataclass  # clu reads the annotations: no `from __future__ import annotations`
+class TrainMetrics(clu_metrics.Collection):
+    loss: clu_metrics.Average.from_output("loss")
+    grad_norm: clu_metrics.Average.from_output("grad_norm")
+
+
+def read_history(workdir: str | Path) -> list[dict]:
+    """The records of DIR/metrics.jsonl: dicts with "step", "kind" ("train" or "eval")."""
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLog:
+    """Appends records to DIR/metrics.jsonl and TensorBoard. Opened at `start_step`, it drops
+    what a killed run wrote after its last checkpoint, so a resumed history stays one line."""
+
+    def __init__(self, workdir: Path, start_step: int):
+        self.path = workdir / METRICS_FILE
+        self.history = [r for r in read_history(workdir) if r["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        self._tensorboard = tensorboardX.SummaryWriter(
+            str(workdir / TENSORBOARD_DIR), purge_step=start_step + 1, flush_secs=30
+        )
+
+    def write(self, step: int, kind: str, **values: float) -> None:
+        record = {"step": step, "kind": kind, **values}
+        self.history.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for name, value in values.items():
+            self._tensorboard.add_scalar(f"{kind}/{name}", value, step)
+
+    def evals(self) -> list[dict]:
+        return [r for r in self.history if r["kind"] == "eval"]
+
+    def close(self) -> None:
+        self._tensorboard.close()

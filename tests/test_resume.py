@@ -1,0 +1,165 @@
+"""Training you can trust: exact resume, kills, corrupt checkpoints, early stopping, logs."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, tiny_config
+from flax import nnx
+from test_cli import CONFIG, TINY_FLAGS
+
+from charlm_jax import checkpoints, train
+from charlm_jax.errors import UserError
+from charlm_jax.metrics import read_history
+
+
+def params_of(workdir, checkpoint="latest"):
+    model, _, _ = checkpoints.load_model(workdir, checkpoint)
+    return jax.tree.leaves(nnx.to_pure_dict(nnx.state(model)))
+
+
+def assert_same_params(a, b):
+    for x, y in zip(params_of(a), params_of(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def config_for(text_file, **overrides):
+    return tiny_config(**{"data.path": str(text_file), "train.eval_every": 10, **overrides})
+
+
+def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path, text_file, monkeypatch):
+    whole = train.train_and_evaluate(config_for(text_file), tmp_path / "whole")
+
+    real_save = checkpoints.save
+
+    def crash_at_step_30(manager, step, *args, **kwargs):
+        if step == 30:
+            raise RuntimeError("simulated crash")
+        return real_save(manager, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save", crash_at_step_30)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.train_and_evaluate(config_for(text_file), tmp_path / "resumed")
+    monkeypatch.setattr(checkpoints, "save", real_save)
+    resumed = train.train_and_evaluate(config_for(text_file), tmp_path / "resumed")
+
+    assert resumed["resumed_from_step"] == 20
+    assert resumed["history"] == whole["history"]  # every evaluation, bit for bit
+    assert_same_params(tmp_path / "whole", tmp_path / "resumed")
+    train_records = [r for r in read_history(tmp_path / "resumed") if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == [10, 20, 30, 40]  # no duplicates after resume
+
+
+def run_cli(workdir, text_file, *extra, wait=True):
+    args = [sys.executable, "-m", "charlm_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
+            *TINY_FLAGS, f"--config.data.path={text_file}", "--config.train.eval_every=10",
+            *extra]  # fmt: skip
+    if wait:
+        return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_for_checkpoint(process, workdir):
+    deadline = time.time() + 120
+    while not (workdir / "checkpoints").is_dir() or not any(
+        p.name.isdigit() for p in (workdir / "checkpoints").iterdir()
+    ):
+        assert process.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_completes_with_the_same_parameters(tmp_path, text_file):
+    steps = "--config.train.num_steps=400"
+    process = run_cli(tmp_path / "killed", text_file, steps, wait=False)
+    wait_for_checkpoint(process, tmp_path / "killed")
+    time.sleep(np.random.default_rng().uniform(0, 0.5))
+    process.kill()
+    process.wait()
+    result = run_cli(tmp_path / "killed", text_file, steps)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["steps"] == 400 and summary["resumed_from_step"] is not None
+    whole = run_cli(tmp_path / "whole", text_file, steps)
+    assert whole.returncode == 0, whole.stderr
+    assert_same_params(tmp_path / "killed", tmp_path / "whole")
+
+
+def test_sigterm_saves_a_checkpoint_and_says_so(tmp_path, text_file):
+    process = run_cli(tmp_path / "run", text_file, "--config.train.num_steps=100000", wait=False)
+    wait_for_checkpoint(process, tmp_path / "run")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    last = stderr.decode().strip().splitlines()[-1]
+    assert "interrupted by SIGTERM: checkpoint saved at step" in last
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stop_reason"] == "interrupted by SIGTERM"
+    with checkpoints.open_manager(tmp_path / "run") as manager:
+        assert manager.latest_step() == summary["steps"]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, text_file):
+    workdir = tmp_path / "run"
+    config = config_for(text_file, **{"train.num_steps": 20, "train.keep_checkpoints": 2})
+    train.train_and_evaluate(config, workdir)
+    for f in (workdir / "checkpoints" / "20" / "model").rglob("*"):
+        if f.is_file() and "d" in f.parts[-2:-1]:  # the array data files of OCDBT
+            f.write_bytes(b"garbage")
+    config.train.num_steps = 30
+    summary = train.train_and_evaluate(config, workdir)
+    assert summary["resumed_from_step"] == 10 and summary["steps"] == 30
+    assert (workdir / "checkpoints_unreadable" / "20").is_dir()  # kept, not deleted
+
+
+def test_early_stopping_on_a_plateau(tmp_path, text_file):
+    # A zero learning rate keeps the model, so every evaluation gives the same loss.
+    config = config_for(
+        text_file,
+        **{"train.learning_rate": 0.0, "train.min_learning_rate": 0.0,
+           "train.early_stopping_patience": 2},
+    )  # fmt: skip
+    summary = train.train_and_evaluate(config, tmp_path / "run")
+    assert summary["steps"] == 30
+    assert summary["stop_reason"].startswith("early stopping")
+
+
+def test_evals_without_improvement():
+    assert train.evals_without_improvement([], 0.0) == 0
+    assert train.evals_without_improvement([3.0, 2.0, 2.5, 2.1], 0.0) == 2
+    assert train.evals_without_improvement([3.0, 2.0, 1.95], 0.1) == 1
+    assert train.evals_without_improvement([3.0, 2.0, 1.8], 0.1) == 0
+
+
+def test_epochs_set_the_number_of_steps(tmp_path, text_file):
+    config = config_for(text_file, **{"train.num_epochs": 0.5, "train.eval_every": 1000})
+    summary = train.train_and_evaluate(config, tmp_path / "run")
+    train_tokens = int(len(text_file.read_text()) * 0.9)
+    assert summary["steps"] == math.ceil(0.5 * train_tokens / (8 * 32))
+
+
+def test_diverging_loss_stops_with_a_clear_error(tmp_path, text_file):
+    config = config_for(text_file, **{"train.learning_rate": float("nan")})
+    with pytest.raises(UserError, match="training diverged: loss is nan by step 10"):
+        train.train_and_evaluate(config, tmp_path / "run")
+
+
+def test_event_files_and_plots(tmp_path, text_file):
+    for name in ("a", "b"):
+        train.train_and_evaluate(config_for(text_file, **{"train.num_steps": 20}), tmp_path / name)
+    events = list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    png = tmp_path / "a" / "loss_curve.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    out = tmp_path / "both.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "charlm_jax.plot", str(tmp_path / "a"), str(tmp_path / "b"),
+         f"--out={out}"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:4] == b"\x89PNG"
