@@ -75,7 +75,7 @@ def wait_for_checkpoint(process, workdir):
 
 
 def test_sigkill_then_resume_completes_with_the_same_parameters(tmp_path, text_file):
-    steps = "--config.train.num_steps=400"
+    steps = "--config.train.num_steps=200"
     process = run_cli(tmp_path / "killed", text_file, steps, wait=False)
     wait_for_checkpoint(process, tmp_path / "killed")
     time.sleep(np.random.default_rng().uniform(0, 0.5))
@@ -84,7 +84,7 @@ def test_sigkill_then_resume_completes_with_the_same_parameters(tmp_path, text_f
     result = run_cli(tmp_path / "killed", text_file, steps)
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
-    assert summary["steps"] == 400 and summary["resumed_from_step"] is not None
+    assert summary["steps"] == 200 and summary["resumed_from_step"] is not None
     whole = run_cli(tmp_path / "whole", text_file, steps)
     assert whole.returncode == 0, whole.stderr
     assert_same_params(tmp_path / "killed", tmp_path / "whole")

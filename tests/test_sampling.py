@@ -30,13 +30,27 @@ def make_sampler(name="transformer", **overrides) -> Sampler:
     return Sampler(model, tokenizer, CONTEXT)
 
 
+def full_logits(sampler: Sampler):
+    """Last-position logits of the model run on the whole text (right-padded to the context,
+    one compilation; causality makes the padding irrelevant)."""
+    run = jax.jit(lambda ids: sampler.model(ids))
+
+    def logits(ids: list[int]) -> np.ndarray:
+        padded = np.zeros((1, CONTEXT), np.int32)
+        padded[0, : len(ids)] = ids
+        return np.asarray(run(padded)[0, len(ids) - 1])
+
+    return logits
+
+
 def greedy_reference(sampler: Sampler, prompt: str, steps: int) -> tuple[str, list[np.ndarray]]:
     """Greedy decoding that reruns the model on the whole text, with the sampler's policy
     for a full context: drop the oldest half."""
+    logits_of = full_logits(sampler)
     ctx = list(sampler.tokenizer.encode(prompt))
     out, all_logits = [], []
     for _ in range(steps):
-        logits = np.asarray(sampler.model(jnp.asarray([ctx]))[0, -1])
+        logits = logits_of(ctx)
         all_logits.append(logits)
         token = int(np.argmax(logits))
         out.append(token)
@@ -167,11 +181,12 @@ def test_log_probs_and_perplexity():
 
 def beam_reference(sampler: Sampler, prompt: str, beam_size: int, steps: int) -> str:
     """Plain beam search that reruns the model on each beam's whole text."""
+    logits_of = full_logits(sampler)
     beams = [(0.0, list(sampler.tokenizer.encode(prompt)))]
     for _ in range(steps):
         candidates = []
         for score, ids in beams:
-            logp = jax.nn.log_softmax(sampler.model(jnp.asarray([ids]))[0, -1])
+            logp = jax.nn.log_softmax(logits_of(ids))
             candidates += [(score + float(lp), ids + [t]) for t, lp in enumerate(logp)]
         beams = sorted(candidates, key=lambda c: -c[0])[:beam_size]
     return sampler.tokenizer.decode(beams[0][1][len(prompt) :])
