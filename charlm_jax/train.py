@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tqdm
 from absl import logging
 from clu import parameter_overview
 from flax import nnx
@@ -35,7 +37,7 @@ from charlm_jax.tokenizers import CharTokenizer, load_tokenizer
 LOSS_CURVE_FILE = "loss_curve.png"
 
 # Fields that must match to resume from a workdir's checkpoints (the state's shapes).
-RESUME_FIELDS = ("model", "data.sequence_length")
+RESUME_FIELDS = ("model.", "data.sequence_length")
 
 
 def create_optimizer(
@@ -127,20 +129,29 @@ def _prepare_workdir(workdir: str | Path) -> Path:
     return workdir
 
 
-def _field(config: ml_collections.ConfigDict, dotted: str):
-    for part in dotted.split("."):
-        config = config[part]
-    return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+def _flat(config: ml_collections.ConfigDict) -> dict:
+    """{"model.num_layers": 4, ...} for every leaf field."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            flat.update({f"{key}.{k}": v for k, v in _flat(value).items()})
+        else:
+            flat[key] = value
+    return flat
 
 
 def _check_resumable(config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict, workdir):
-    for name in RESUME_FIELDS:
-        if _field(config, name) != _field(saved, name):
-            raise UserError(
-                f"workdir {workdir} holds checkpoints of a run with a different {name} "
-                f"({_field(saved, name)} there, {_field(config, name)} now); "
-                "use a new --workdir or the same config to resume"
-            )
+    now, there = _flat(config), _flat(saved)
+    differing = [
+        f"{name}: {there.get(name)!r} there, {now.get(name)!r} now"
+        for name in sorted(set(now) | set(there))
+        if name.startswith(RESUME_FIELDS) and now.get(name) != there.get(name)
+    ]
+    if differing:
+        raise UserError(
+            f"workdir {workdir} holds checkpoints of a different model ({'; '.join(differing)}); "
+            "use a new --workdir, or the same config to resume"
+        )
 
 
 def _format_duration(seconds: float) -> str:
@@ -259,7 +270,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     stop_reason = "num_steps"
     step, pending = start_step, []
     logging.info("Training %d steps of %d tokens from step %d", tc.num_steps, tokens_per_step, step)
-    with _StopSignals() as signals:
+    # A progress bar on a terminal; log lines otherwise (files, CI).
+    progress = tqdm.tqdm(
+        total=tc.num_steps, initial=step, unit="step", disable=not sys.stderr.isatty()
+    )
+    with progress, _StopSignals() as signals:
         tick = time.perf_counter()
         while step < tc.num_steps:
             model_state, opt_state, metrics = train_step(
@@ -291,11 +306,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 tokens=step * tokens_per_step,
             )  # fmt: skip
             log.write(step, "train", **values)
-            logging.info(
-                "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s  ETA %s",
-                step, tc.num_steps, values["loss"], values["grad_norm"], values["lr"],
-                values["tokens_per_sec"], _format_duration((tc.num_steps - step) * step_time),
-            )  # fmt: skip
+            if progress.disable:
+                logging.info(
+                    "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s  ETA %s",
+                    step, tc.num_steps, values["loss"], values["grad_norm"], values["lr"],
+                    values["tokens_per_sec"], _format_duration((tc.num_steps - step) * step_time),
+                )  # fmt: skip
+            else:
+                progress.update(step - progress.n)
+                progress.set_postfix_str(
+                    f"loss {values['loss']:.4f}  {values['tokens_per_sec']:,.0f} tok/s"
+                )
             if is_eval:
                 train_loss, val_loss = evaluate(model_state)
                 best_val = min(best_val, val_loss)

@@ -112,7 +112,7 @@ def test_rerun_with_another_model_is_refused(tmp_path, text_file):
     config = tiny_config(**{"data.path": str(text_file), "train.num_steps": 20})
     train.train_and_evaluate(config, tmp_path / "run")
     config.model.num_layers = 1
-    with pytest.raises(UserError, match="different model"):
+    with pytest.raises(UserError, match="different model .model.num_layers: 2 there, 1 now"):
         train.train_and_evaluate(config, tmp_path / "run")
     assert (tmp_path / "run" / "checkpoints" / "20").is_dir()
 
