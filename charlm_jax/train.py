@@ -322,8 +322,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 best_val = min(best_val, val_loss)
                 val_history.append(val_loss)
                 checkpoints.save(manager, step, model_state, opt_state, val_loss)
-                log.write(step, "eval", train_loss=train_loss, val_loss=val_loss,
-                          tokens=step * tokens_per_step)  # fmt: skip
+                log.write(
+                    step, "eval", train_loss=train_loss, val_loss=val_loss,
+                    val_bpc=val_loss / math.log(2), tokens=step * tokens_per_step,
+                )  # fmt: skip
                 plotting.plot_loss_curve(log.history, workdir / LOSS_CURVE_FILE, str(workdir))
                 logging.info(
                     "eval step %d: train loss %.4f  val loss %.4f  (best %.4f)",
@@ -358,6 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "final_train_loss": train_loss,
         "final_val_loss": val_loss,
         "best_val_loss": best_val if math.isfinite(best_val) else None,
+        "best_val_bpc": best_val / math.log(2) if math.isfinite(best_val) else None,
         "train_tokens_per_sec": tokens_per_step * timed_steps / train_seconds
         if timed_steps
         else None,
@@ -365,6 +368,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "wall_time_s": time.perf_counter() - wall_start,
         "num_devices": jax.device_count(),
         "platform": jax.devices()[0].platform,
+        "peak_device_memory_bytes": (jax.devices()[0].memory_stats() or {}).get(
+            "peak_bytes_in_use"
+        ),  # None where the device does not report it (CPU)
         "history": log.evals(),
     }
     summary_path = workdir / checkpoints.SUMMARY_FILE

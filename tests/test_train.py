@@ -51,6 +51,7 @@ def test_summary_and_workdir_layout(tmp_path, text_file):
         assert on_disk[key] is not None, key
     assert summary["steps"] == 40 and summary["num_devices"] == jax.device_count()
     assert summary["best_val_loss"] == min(h["val_loss"] for h in summary["history"])
+    assert summary["best_val_bpc"] == pytest.approx(summary["best_val_loss"] / np.log(2))
     assert [h["step"] for h in summary["history"]] == [20, 40]
     assert (workdir / "config.json").exists() and (workdir / "tokenizer.json").exists()
     best_step = min(summary["history"], key=lambda h: h["val_loss"])["step"]
