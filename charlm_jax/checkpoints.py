@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
@@ -50,9 +51,7 @@ def open_manager(workdir: str | Path, keep_latest: int = 1) -> ocp.CheckpointMan
                 ),
             ]
         ),  # fmt: skip
-        # Synchronous: the train step donates its state buffers, so a save must finish
-        # reading them before the next step runs.
-        enable_async_checkpointing=False,
+        enable_async_checkpointing=True,  # `save` hands orbax copies: see there
     )
     return ocp.CheckpointManager(
         Path(workdir).absolute() / CHECKPOINT_DIR, options=options, item_names=("model", "opt")
@@ -66,7 +65,10 @@ def save(
     opt_state: nnx.State,
     val_loss: float | None = None,
 ) -> None:
-    """Saves a checkpoint; without `val_loss` it can only be kept as one of the latest."""
+    """Starts saving a checkpoint in the background; without `val_loss` it can only be kept
+    as one of the latest. Orbax gets copies of the states: the train step donates (reuses)
+    their buffers while the save is still writing."""
+    model_state, opt_state = jax.tree.map(jnp.copy, (model_state, opt_state))
     try:
         manager.save(
             step,

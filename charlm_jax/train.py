@@ -9,6 +9,7 @@ resumed run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -274,7 +275,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     progress = tqdm.tqdm(
         total=tc.num_steps, initial=step, unit="step", disable=not sys.stderr.isatty()
     )
-    with progress, _StopSignals() as signals:
+    # Leaving the block, also on an error, waits for background checkpoint saves to finish.
+    with progress, _StopSignals() as signals, manager, contextlib.closing(log):
         tick = time.perf_counter()
         while step < tc.num_steps:
             model_state, opt_state, metrics = train_step(
@@ -345,9 +347,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             elif is_checkpoint:
                 checkpoints.save(manager, step, model_state, opt_state)
             tick = time.perf_counter()
-    manager.wait_until_finished()
-    manager.close()
-    log.close()
 
     summary = {
         "model": config.model.name,
