@@ -163,3 +163,19 @@ def test_event_files_and_plots(tmp_path, text_file):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_disk_full_at_save_time_is_a_clear_error(tmp_path, text_file, monkeypatch):
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config_for(text_file, **{"train.num_steps": 10}), workdir)
+
+    def disk_full(self, step, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "save", disk_full)
+    with pytest.raises(
+        UserError, match=r"cannot write checkpoint 20 .*No space left on device.*\[10\]"
+    ):
+        train.train_and_evaluate(config_for(text_file, **{"train.num_steps": 20}), workdir)
+    monkeypatch.undo()
+    assert params_of(workdir)  # step 10 still loads
