@@ -9,7 +9,6 @@ import urllib.request
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -97,7 +96,3 @@ def sample_batch(
         starts
     )
     return windows[:, :-1], windows[:, 1:]
-
-
-def to_device(tokens: np.ndarray) -> jax.Array:
-    return jnp.asarray(tokens, dtype=jnp.int32)

@@ -15,7 +15,7 @@ from absl import app, flags
 
 from charlm_jax import cli
 from charlm_jax.errors import UserError
-from charlm_jax.sampling import Sampler, check_sampling_args
+from charlm_jax.sampling import STREAM_CHUNK, Sampler, check_sampling_args
 
 flags.DEFINE_string("workdir", None, "A trained run's directory.", required=True)
 flags.DEFINE_string("checkpoint", "best", 'Checkpoint: "best", "latest" or a step number.')
@@ -87,7 +87,7 @@ def interactive(sampler: Sampler, settings: dict) -> None:
             continue
         try:
             print(line, end="", flush=True)
-            for pieces in sampler.stream([line], **settings):
+            for pieces in sampler.stream([line], chunk=STREAM_CHUNK, **settings):
                 print(pieces[0], end="", flush=True)
             print()
         except ValueError as e:

@@ -84,3 +84,26 @@ def test_missing_workdir(tmp_path):
         run_generate(f"--workdir={tmp_path / 'nope'}"), "error: no checkpoints in"
     )
     assert_one_line_error(run_generate(), "error: flag --workdir=None")
+
+
+def test_interactive_mode_streams_in_chunks(monkeypatch, capsys):
+    from test_sampling import make_sampler
+
+    from charlm_jax import generate
+
+    sampler = make_sampler()
+    chunks = []
+    real_stream = sampler.stream
+
+    def recording_stream(*args, **kwargs):
+        for pieces in real_stream(*args, **kwargs):
+            chunks.append(pieces[0])
+            yield pieces
+
+    monkeypatch.setattr(sampler, "stream", recording_stream)
+    lines = iter(["abc", "quit"])
+    monkeypatch.setattr("builtins.input", lambda _: next(lines))
+    settings = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 40, "seed": 0}
+    generate.interactive(sampler, settings)
+    assert [len(c) for c in chunks] == [16, 16, 8]  # printed as each chunk arrives
+    assert "abc" + "".join(chunks) in capsys.readouterr().out
