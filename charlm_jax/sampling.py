@@ -217,6 +217,12 @@ class Sampler:
             _, (scores, out) = run_steps(model, dstate, (scores, out), num_steps, choose)
             return out[jnp.argmax(scores)], jnp.max(scores)
 
+        def token_log_probs(state, inputs, targets):
+            logits = nnx.merge(graphdef, state)(inputs).astype(jnp.float32)
+            logp = jax.nn.log_softmax(logits)
+            return jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+
+        self._token_log_probs = jax.jit(token_log_probs)
         self._start = jax.jit(start)
         self._decode = jax.jit(decode, static_argnames="out_len", donate_argnums=1)
         self._beam = jax.jit(beam, static_argnames="out_len")
@@ -316,11 +322,16 @@ class Sampler:
         """Log-probabilities (nats) of each character of `text` after the first, given the
         ones before it (in windows of the model's context)."""
         ids = self.tokenizer.encode(text)
+        length = self.context_length
         out = []
-        for start in range(0, max(len(ids) - 1, 0), self.context_length):
-            window = jnp.asarray(ids[start : start + self.context_length + 1])[None]
-            logp = jax.nn.log_softmax(self.model(window[:, :-1]).astype(jnp.float32))
-            out.append(np.asarray(jnp.take_along_axis(logp, window[:, 1:, None], -1))[0, :, 0])
+        for start in range(0, max(len(ids) - 1, 0), length):
+            window = ids[start : start + length + 1]
+            # Padded to the full context (one compilation); causality makes padding inert.
+            inputs = np.zeros((1, length), np.int32)
+            targets = np.zeros((1, length), np.int32)
+            inputs[0, : len(window) - 1], targets[0, : len(window) - 1] = window[:-1], window[1:]
+            logp = self._token_log_probs(self._state, inputs, targets)
+            out.append(np.asarray(logp)[0, : len(window) - 1])
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def perplexity(self, text: str) -> float:
