@@ -166,6 +166,11 @@ def load_model(
     tokenizer = load_tokenizer(workdir / TOKENIZER_FILE)
     model = nnx.eval_shape(lambda: models.create_model(config, tokenizer.vocab_size, nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(model)
+    # Onto one device, however many devices the checkpoint was written from.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state
+    )
     with open_manager(workdir) as manager:
         step = resolve_step(manager, checkpoint)
         state, _ = restore(manager, step, abstract_state)

@@ -14,6 +14,8 @@ def base_config(model: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """The data and train sections every config has, around the given `model` section."""
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict(dict(model))
+    config.model.dtype = "float32"  # compute dtype of the matmuls: "bfloat16" for mixed precision
+    config.model.param_dtype = "float32"  # parameters and optimizer state
 
     config.data = ml_collections.ConfigDict()
     config.data.path = ""  # UTF-8 text file; "" = the tiny Shakespeare copy inside the package
@@ -25,7 +27,7 @@ def base_config(model: Mapping[str, Any]) -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()
     config.train.seed = 0
-    config.train.batch_size = 32
+    config.train.batch_size = 32  # sequences per (micro-)batch, over all devices together
     config.train.num_steps = 2000
     config.train.num_epochs = 0.0  # > 0: train this many passes over the training tokens instead
     config.train.learning_rate = 1e-3  # peak, after linear warmup; then cosine decay
@@ -35,6 +37,8 @@ def base_config(model: Mapping[str, Any]) -> ml_collections.ConfigDict:
     config.train.beta1 = 0.9
     config.train.beta2 = 0.99
     config.train.grad_clip_norm = 1.0
+    config.train.grad_accum_steps = 1  # micro-batches of batch_size per optimizer update
+    config.train.fsdp = False  # also shard parameters and optimizer state over the devices
     config.train.eval_every = 250  # steps; each evaluation also writes a checkpoint
     config.train.eval_batches = 20
     config.train.log_every = 50

@@ -2,6 +2,9 @@
 
     python -m charlm_jax.main --config=configs/transformer.py[:PRESET] --workdir=DIR \
         [--config.model.num_layers=6 ...]
+
+The same command trains on every visible device. For several hosts, run it in each process
+with --coordinator_address, --num_processes and --process_id (or the JAX_* variables).
 """
 
 import sys
@@ -9,7 +12,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from charlm_jax import cli, train
+from charlm_jax import cli, parallel, train
 from charlm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -20,6 +23,13 @@ config_flags.DEFINE_config_file(
     "Config file, optionally with a preset: configs/transformer.py:small.",
     lock_config=True,
 )
+flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0, for a multi-process run (default: $JAX_COORDINATOR_ADDRESS).",
+)  # fmt: skip
+flags.DEFINE_integer("num_processes", None, "Processes in the run (default: $JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "This process's index (default: $JAX_PROCESS_ID).")
+flags.DEFINE_integer("coordinator_timeout", 300, "Seconds to wait for all processes to join.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -28,6 +38,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.quiet_library_logs()
     try:
+        parallel.initialize_distributed(
+            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+            FLAGS.coordinator_timeout,
+        )  # fmt: skip
+        parallel.warn_if_gpu_wheel_unused()
         summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except UserError as e:
         sys.exit(f"error: {e}")

@@ -28,19 +28,25 @@ def read_history(workdir: str | Path) -> list[dict]:
 
 class MetricsLog:
     """Appends records to DIR/metrics.jsonl and TensorBoard. Opened at `start_step`, it drops
-    what a killed run wrote after its last checkpoint, so a resumed history stays one line."""
+    what a killed run wrote after its last checkpoint, so a resumed history stays one line.
+    `read_only` (processes other than the first in a multi-process run) keeps the history in
+    memory and writes nothing."""
 
-    def __init__(self, workdir: Path, start_step: int):
+    def __init__(self, workdir: Path, start_step: int, read_only: bool = False):
         self.path = workdir / METRICS_FILE
         self.history = [r for r in read_history(workdir) if r["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        self._tensorboard = tensorboardX.SummaryWriter(
-            str(workdir / TENSORBOARD_DIR), purge_step=start_step + 1, flush_secs=30
-        )
+        self._tensorboard = None
+        if not read_only:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            self._tensorboard = tensorboardX.SummaryWriter(
+                str(workdir / TENSORBOARD_DIR), purge_step=start_step + 1, flush_secs=30
+            )
 
     def write(self, step: int, kind: str, **values: float) -> None:
         record = {"step": step, "kind": kind, **values}
         self.history.append(record)
+        if self._tensorboard is None:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for name, value in values.items():
@@ -50,4 +56,5 @@ class MetricsLog:
         return [r for r in self.history if r["kind"] == "eval"]
 
     def close(self) -> None:
-        self._tensorboard.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()

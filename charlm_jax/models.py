@@ -12,6 +12,7 @@ logits at position t depend only on tokens 0..t.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -41,17 +42,26 @@ class MLP(nnx.Module):
         hidden_dim: int,
         num_layers: int,
         dropout_rate: float,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.context_size = context_size
         self.pad_id = vocab_size  # an extra embedding row for positions before the text
-        self.embed = nnx.Embed(vocab_size + 1, embedding_dim, rngs=rngs)
+        self.embed = nnx.Embed(
+            vocab_size + 1, embedding_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
         widths = [context_size * embedding_dim] + [hidden_dim] * num_layers
         self.hidden = nnx.List(
-            [nnx.Linear(i, o, rngs=rngs) for i, o in zip(widths[:-1], widths[1:], strict=True)]
+            [
+                nnx.Linear(i, o, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for i, o in zip(widths[:-1], widths[1:], strict=True)
+            ]
         )
         self.dropout = nnx.Dropout(dropout_rate)
-        self.head = nnx.Linear(widths[-1], vocab_size, rngs=rngs)
+        self.head = nnx.Linear(
+            widths[-1], vocab_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     def __call__(
         self, tokens: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
@@ -99,11 +109,15 @@ def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
-def make_norm(kind: str, dim: int, use_bias: bool, rngs: nnx.Rngs) -> nnx.Module:
+def make_norm(
+    kind: str, dim: int, use_bias: bool, param_dtype: jnp.dtype, rngs: nnx.Rngs
+) -> nnx.Module:
+    """LayerNorm or RMSNorm, computed in float32 whatever the model's compute dtype."""
+    dtypes = dict(dtype=jnp.float32, param_dtype=param_dtype)
     if kind == "layernorm":
-        return nnx.LayerNorm(dim, epsilon=1e-5, use_bias=use_bias, rngs=rngs)
+        return nnx.LayerNorm(dim, epsilon=1e-5, use_bias=use_bias, rngs=rngs, **dtypes)
     if kind == "rmsnorm":
-        return nnx.RMSNorm(dim, epsilon=1e-5, rngs=rngs)
+        return nnx.RMSNorm(dim, epsilon=1e-5, rngs=rngs, **dtypes)
     raise UserError(f"unknown model.norm {kind!r}: expected 'layernorm' or 'rmsnorm'")
 
 
@@ -133,14 +147,19 @@ class CausalSelfAttention(nnx.Module):
         use_bias: bool,
         dropout_rate: float,
         out_std: float,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
     ):
         if dim % num_heads:
             raise UserError(f"model.embedding_dim={dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.use_rope = use_rope
-        self.qkv = nnx.Linear(dim, 3 * dim, use_bias=use_bias, kernel_init=_normal(), rngs=rngs)
-        self.out = nnx.Linear(dim, dim, use_bias=use_bias, kernel_init=_normal(out_std), rngs=rngs)
+        linear = functools.partial(
+            nnx.Linear, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.qkv = linear(dim, 3 * dim, kernel_init=_normal())
+        self.out = linear(dim, dim, kernel_init=_normal(out_std))
         self.dropout = nnx.Dropout(dropout_rate)
 
     def __call__(
@@ -184,12 +203,15 @@ class FeedForward(nnx.Module):
         use_bias: bool,
         dropout_rate: float,
         out_std: float,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
     ):
-        self.up = nnx.Linear(dim, hidden_dim, use_bias=use_bias, kernel_init=_normal(), rngs=rngs)
-        self.down = nnx.Linear(
-            hidden_dim, dim, use_bias=use_bias, kernel_init=_normal(out_std), rngs=rngs
+        linear = functools.partial(
+            nnx.Linear, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
+        self.up = linear(dim, hidden_dim, kernel_init=_normal())
+        self.down = linear(hidden_dim, dim, kernel_init=_normal(out_std))
         self.dropout = nnx.Dropout(dropout_rate)
 
     def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
@@ -211,27 +233,22 @@ class Block(nnx.Module):
         use_bias: bool,
         dropout_rate: float,
         out_std: float,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
     ):
-        self.attn_norm = make_norm(norm, dim, use_bias, rngs)
-        self.attn = CausalSelfAttention(
-            dim,
-            num_heads,
-            use_rope=use_rope,
+        common = dict(
             use_bias=use_bias,
             dropout_rate=dropout_rate,
             out_std=out_std,
+            dtype=dtype,
+            param_dtype=param_dtype,
             rngs=rngs,
         )
-        self.mlp_norm = make_norm(norm, dim, use_bias, rngs)
-        self.mlp = FeedForward(
-            dim,
-            hidden_dim,
-            use_bias=use_bias,
-            dropout_rate=dropout_rate,
-            out_std=out_std,
-            rngs=rngs,
-        )
+        self.attn_norm = make_norm(norm, dim, use_bias, param_dtype, rngs)
+        self.attn = CausalSelfAttention(dim, num_heads, use_rope=use_rope, **common)
+        self.mlp_norm = make_norm(norm, dim, use_bias, param_dtype, rngs)
+        self.mlp = FeedForward(dim, hidden_dim, **common)
 
     def __call__(
         self,
@@ -267,17 +284,22 @@ class Transformer(nnx.Module):
         position: str,
         norm: str,
         use_bias: bool,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
         if position not in ("learned", "rope"):
             raise UserError(f"unknown model.position {position!r}: expected 'learned' or 'rope'")
         self.max_length = max_length
-        self.embed = nnx.Embed(vocab_size, embedding_dim, embedding_init=_normal(), rngs=rngs)
-        self.pos_embed = (
-            nnx.Embed(max_length, embedding_dim, embedding_init=_normal(), rngs=rngs)
-            if position == "learned"
-            else None
+        self.remat = remat
+        # Embeddings, the residual stream and the tied output head stay in param_dtype; the
+        # blocks' matmuls run in `dtype`.
+        embed = functools.partial(
+            nnx.Embed, embedding_init=_normal(), param_dtype=param_dtype, rngs=rngs
         )
+        self.embed = embed(vocab_size, embedding_dim)
+        self.pos_embed = embed(max_length, embedding_dim) if position == "learned" else None
         self.dropout = nnx.Dropout(dropout_rate)
         out_std = INIT_STD / math.sqrt(2 * num_layers)  # scaled residual projections (GPT-2)
         self.blocks = nnx.List(
@@ -291,12 +313,14 @@ class Transformer(nnx.Module):
                     use_bias=use_bias,
                     dropout_rate=dropout_rate,
                     out_std=out_std,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
                     rngs=rngs,
                 )
                 for _ in range(num_layers)
             ]
         )
-        self.final_norm = make_norm(norm, embedding_dim, use_bias, rngs)
+        self.final_norm = make_norm(norm, embedding_dim, use_bias, param_dtype, rngs)
 
     def __call__(
         self, tokens: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
@@ -335,17 +359,17 @@ class Transformer(nnx.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = self.dropout(x, deterministic=not train, rngs=rngs)
+        if cache is None:
+            cache = [None] * len(self.blocks)
+
+        def run_block(block, x, layer_cache, rngs):
+            return block(x, positions, mask, cache=layer_cache, slot=slot, train=train, rngs=rngs)
+
+        if self.remat and train:  # recompute each block's activations in the backward pass
+            run_block = nnx.remat(run_block)
         new_cache = []
-        for i, block in enumerate(self.blocks):
-            x, layer_cache = block(
-                x,
-                positions,
-                mask,
-                cache=None if cache is None else cache[i],
-                slot=slot,
-                train=train,
-                rngs=rngs,
-            )
+        for block, layer_cache in zip(self.blocks, cache, strict=True):
+            x, layer_cache = run_block(block, x, layer_cache, rngs)
             new_cache.append(layer_cache)
         x = self.final_norm(x).reshape(-1, x.shape[-1])  # 2-D for a fast matmul, as in dense()
         return self.embed.attend(x).reshape(*tokens.shape, -1), new_cache
@@ -355,6 +379,10 @@ def create_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.R
     """Builds the model named by `config.model.name` (the context length is
     `config.data.sequence_length`)."""
     m = config.model
+    try:
+        dtypes = {"dtype": jnp.dtype(m.dtype), "param_dtype": jnp.dtype(m.param_dtype)}
+    except TypeError as e:
+        raise UserError(f"bad model.dtype or model.param_dtype: {e}") from None
     if m.name == "transformer":
         return Transformer(
             vocab_size,
@@ -367,7 +395,9 @@ def create_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.R
             position=m.position,
             norm=m.norm,
             use_bias=m.use_bias,
+            remat=m.remat,
             rngs=rngs,
+            **dtypes,
         )
     if m.name == "mlp":
         return MLP(
@@ -378,5 +408,6 @@ def create_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.R
             num_layers=m.num_layers,
             dropout_rate=m.dropout_rate,
             rngs=rngs,
+            **dtypes,
         )
     raise UserError(f"unknown model.name {m.name!r}: expected 'transformer' or 'mlp'")

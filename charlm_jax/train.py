@@ -29,8 +29,9 @@ import tqdm
 from absl import logging
 from clu import parameter_overview
 from flax import nnx
+from jax.sharding import Mesh
 
-from charlm_jax import checkpoints, data, models, plotting
+from charlm_jax import checkpoints, data, models, parallel, plotting
 from charlm_jax.errors import UserError
 from charlm_jax.metrics import MetricsLog, TrainMetrics
 from charlm_jax.tokenizers import CharTokenizer, load_tokenizer
@@ -39,6 +40,7 @@ LOSS_CURVE_FILE = "loss_curve.png"
 
 # Fields that must match to resume from a workdir's checkpoints (the state's shapes).
 RESUME_FIELDS = ("model.", "data.sequence_length")
+RESUME_FREE = ("model.dtype", "model.remat")  # how the model computes, not what it holds
 
 
 def create_optimizer(
@@ -75,45 +77,129 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     ).mean()
 
 
-def make_train_step(
-    model_def: nnx.GraphDef, opt_def: nnx.GraphDef, batch_size: int, sequence_length: int
-) -> Callable:
-    """(model_state, opt_state, tokens, key) -> (model_state, opt_state, metrics)."""
+def init_train_state(
+    config: ml_collections.ConfigDict,
+    vocab_size: int,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.State, nnx.State, tuple]:
+    """The model and optimizer, split: (model_def, opt_def, model_state, opt_state,
+    shardings of the two states). The states are created on the devices, already laid out
+    as they will be trained (replicated, or split with `train.fsdp`)."""
 
-    def loss_fn(model, inputs, targets, rngs):
-        return cross_entropy(model(inputs, train=True, rngs=rngs), targets)
+    def init() -> tuple[nnx.Module, nnx.Optimizer]:
+        model = models.create_model(config, vocab_size, nnx.Rngs(config.train.seed))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    model_def, abstract_model_state = nnx.split(nnx.eval_shape(lambda: init()[0]))
+    opt_def, abstract_opt_state = nnx.split(nnx.eval_shape(lambda: init()[1]))
+    shardings = parallel.state_shardings(
+        (abstract_model_state, abstract_opt_state), mesh, config.train.fsdp
+    )
+    model_state, opt_state = jax.jit(
+        lambda: tuple(nnx.state(part) for part in init()), out_shardings=shardings
+    )()
+    return model_def, opt_def, model_state, opt_state, shardings
+
+
+def make_train_step(
+    model_def: nnx.GraphDef,
+    opt_def: nnx.GraphDef,
+    shardings: tuple,
+    mesh: Mesh,
+    batch_size: int,
+    sequence_length: int,
+    grad_accum_steps: int = 1,
+) -> Callable:
+    """(model_state, opt_state, tokens, key) -> (model_state, opt_state, metrics), jitted.
+
+    `shardings` are the (model_state, opt_state) shardings; each batch is split over the
+    mesh's data axis. With `grad_accum_steps` k > 1, the step draws k * batch_size windows
+    (the same ones a k-times larger batch would see), averages their gradients over k
+    micro-batches, and makes one update.
+    """
+
+    def loss_and_grads(model_state, inputs, targets, dropout_key):
+        def loss_fn(model):
+            logits = model(inputs, train=True, rngs=nnx.Rngs(dropout=dropout_key))
+            return cross_entropy(logits, targets)
+
+        return nnx.value_and_grad(loss_fn)(nnx.merge(model_def, model_state))
 
     def train_step(model_state, opt_state, tokens, key):
         model, opt = nnx.merge(model_def, model_state), nnx.merge(opt_def, opt_state)
         batch_key, dropout_key = jax.random.split(jax.random.fold_in(key, opt.step[...]))
-        inputs, targets = data.sample_batch(tokens, batch_key, batch_size, sequence_length)
-        loss, grads = nnx.value_and_grad(loss_fn)(
-            model, inputs, targets, nnx.Rngs(dropout=dropout_key)
+        inputs, targets = data.sample_batch(
+            tokens, batch_key, grad_accum_steps * batch_size, sequence_length
         )
+        if grad_accum_steps == 1:
+            inputs, targets = jax.lax.with_sharding_constraint(
+                (inputs, targets), parallel.batch_sharding(mesh)
+            )
+            loss, grads = loss_and_grads(model_state, inputs, targets, dropout_key)
+        else:
+            micro = jax.lax.with_sharding_constraint(
+                jax.tree.map(lambda x: x.reshape(grad_accum_steps, batch_size, -1),
+                             (inputs, targets)),
+                parallel.batch_sharding(mesh, leading_dims=1),
+            )  # fmt: skip
+
+            def accumulate(carry, i_batch):
+                state, total = carry  # the state rides along: NNX objects can't be closed over
+                i, (x, y) = i_batch
+                loss_grads = loss_and_grads(state, x, y, jax.random.fold_in(dropout_key, i))
+                return (state, jax.tree.map(jnp.add, total, loss_grads)), None
+
+            zeros = jax.tree.map(
+                lambda s: jnp.zeros(s.shape, s.dtype),
+                jax.eval_shape(loss_and_grads, model_state, micro[0][0], micro[1][0], dropout_key),
+            )
+            (_, total), _ = jax.lax.scan(
+                accumulate, (model_state, zeros), (jnp.arange(grad_accum_steps), micro)
+            )
+            loss, grads = jax.tree.map(lambda t: t / grad_accum_steps, total)
         opt.update(model, grads)
         metrics = TrainMetrics.single_from_model_output(loss=loss, grad_norm=optax.tree.norm(grads))
         return nnx.state(model), nnx.state(opt), metrics
 
-    return jax.jit(train_step, donate_argnums=(0, 1))
+    model_sh, opt_sh = shardings
+    replicated = parallel.replicated(mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(model_sh, opt_sh, replicated, replicated),
+        out_shardings=(model_sh, opt_sh, replicated),
+        donate_argnums=(0, 1),
+    )
 
 
 def make_eval_step(
-    model_def: nnx.GraphDef, batch_size: int, sequence_length: int, num_batches: int
+    model_def: nnx.GraphDef,
+    model_sharding,
+    mesh: Mesh,
+    batch_size: int,
+    sequence_length: int,
+    num_batches: int,
 ) -> Callable:
-    """(model_state, tokens, key) -> mean loss over `num_batches` random batches."""
+    """(model_state, tokens, key) -> mean loss over `num_batches` random batches, jitted."""
 
     def eval_step(model_state, tokens, key):
         model = nnx.merge(model_def, model_state)
 
         def batch_loss(i):
-            inputs, targets = data.sample_batch(
-                tokens, jax.random.fold_in(key, i), batch_size, sequence_length
+            inputs, targets = jax.lax.with_sharding_constraint(
+                data.sample_batch(tokens, jax.random.fold_in(key, i), batch_size, sequence_length),
+                parallel.batch_sharding(mesh),
             )
             return cross_entropy(model(inputs), targets)
 
         return jnp.mean(jax.lax.map(batch_loss, jnp.arange(num_batches)))
 
-    return jax.jit(eval_step)
+    replicated = parallel.replicated(mesh)
+    return jax.jit(
+        eval_step,
+        in_shardings=(model_sharding, replicated, replicated),
+        out_shardings=replicated,
+    )
 
 
 def _prepare_workdir(workdir: str | Path) -> Path:
@@ -122,7 +208,7 @@ def _prepare_workdir(workdir: str | Path) -> Path:
     workdir = Path(workdir).expanduser()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
+        probe = workdir / f".write_test{jax.process_index()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -146,7 +232,9 @@ def _check_resumable(config: ml_collections.ConfigDict, saved: ml_collections.Co
     differing = [
         f"{name}: {there.get(name)!r} there, {now.get(name)!r} now"
         for name in sorted(set(now) | set(there))
-        if name.startswith(RESUME_FIELDS) and now.get(name) != there.get(name)
+        if name.startswith(RESUME_FIELDS)
+        and name not in RESUME_FREE
+        and now.get(name) != there.get(name)
     ]
     if differing:
         raise UserError(
@@ -208,12 +296,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     workdir = _prepare_workdir(workdir)
     tc = config.train
     batch_size, seq_len = tc.batch_size, config.data.sequence_length
-    tokens_per_step = batch_size * seq_len
-    if min(tc.num_steps, tc.eval_every, tc.log_every, tc.eval_batches, batch_size, seq_len) < 1:
+    tokens_per_step = batch_size * tc.grad_accum_steps * seq_len
+    positive = (tc.num_steps, tc.eval_every, tc.log_every, tc.eval_batches, batch_size, seq_len,
+                tc.grad_accum_steps)  # fmt: skip
+    if min(positive) < 1:
         raise UserError(
             "train.num_steps, train.eval_every, train.log_every, train.eval_batches, "
-            "train.batch_size and data.sequence_length must all be positive"
+            "train.batch_size, train.grad_accum_steps and data.sequence_length must all be "
+            "positive"
         )
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(batch_size, mesh)
+    is_main = parallel.is_main_process()
 
     manager = checkpoints.open_manager(workdir, keep_latest=max(tc.keep_checkpoints, 1))
     resuming = bool(manager.all_steps())
@@ -224,17 +318,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     else:
         tokenizer = CharTokenizer.from_text(text, allow_unknown=config.data.allow_unknown)
     train_np, val_np = data.split_tokens(tokenizer.encode(text), config.data.val_fraction, seq_len)
-    train_tokens, val_tokens = jnp.asarray(train_np), jnp.asarray(val_np)
+    train_tokens, val_tokens = (parallel.put_replicated(t, mesh) for t in (train_np, val_np))
     if tc.num_epochs > 0:
         tc.num_steps = max(1, math.ceil(tc.num_epochs * len(train_np) / tokens_per_step))
         logging.info("%g epochs of %d tokens: %d steps", tc.num_epochs, len(train_np), tc.num_steps)
 
-    model = models.create_model(config, tokenizer.vocab_size, nnx.Rngs(tc.seed))
     tx, schedule = create_optimizer(tc)
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    model_def, model_state = nnx.split(model)
-    opt_def, opt_state = nnx.split(opt)
-    del model, opt
+    model_def, opt_def, model_state, opt_state, shardings = init_train_state(
+        config, tokenizer.vocab_size, tx, mesh
+    )
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(model_state))
     logging.info(
         "Model %s, %s parameters:\n%s",
@@ -249,17 +341,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         )
         logging.info("Resuming from step %d in %s", start_step, workdir)
     else:
-        checkpoints.save_run_files(workdir, config, tokenizer)
+        if is_main:
+            checkpoints.save_run_files(workdir, config, tokenizer)
         start_step = 0
-    log = MetricsLog(workdir, start_step)
+    log = MetricsLog(workdir, start_step, read_only=not is_main)
     val_history = [r["val_loss"] for r in log.evals()]
     best_val = min(val_history, default=math.inf)
 
     key = jax.random.key(tc.seed)
     data_key, eval_key = jax.random.split(key)
-    train_step = make_train_step(model_def, opt_def, batch_size, seq_len)
+    train_step = make_train_step(
+        model_def, opt_def, shardings, mesh, batch_size, seq_len, tc.grad_accum_steps
+    )
     train_step = train_step.lower(model_state, opt_state, train_tokens, data_key).compile()
-    eval_step = make_eval_step(model_def, batch_size, seq_len, tc.eval_batches)
+    eval_step = make_eval_step(model_def, shardings[0], mesh, batch_size, seq_len, tc.eval_batches)
 
     def evaluate(state) -> tuple[float, float]:
         # The same batches at every evaluation, so successive losses compare.
@@ -273,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     logging.info("Training %d steps of %d tokens from step %d", tc.num_steps, tokens_per_step, step)
     # A progress bar on a terminal; log lines otherwise (files, CI).
     progress = tqdm.tqdm(
-        total=tc.num_steps, initial=step, unit="step", disable=not sys.stderr.isatty()
+        total=tc.num_steps, initial=step, unit="step", disable=not (is_main and sys.stderr.isatty())
     )
     # Leaving the block, also on an error, waits for background checkpoint saves to finish.
     with progress, _StopSignals() as signals, manager, contextlib.closing(log):
@@ -308,7 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 tokens=step * tokens_per_step,
             )  # fmt: skip
             log.write(step, "train", **values)
-            if progress.disable:
+            if progress.disable and is_main:
                 logging.info(
                     "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s  ETA %s",
                     step, tc.num_steps, values["loss"], values["grad_norm"], values["lr"],
@@ -328,7 +423,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     step, "eval", train_loss=train_loss, val_loss=val_loss,
                     val_bpc=val_loss / math.log(2), tokens=step * tokens_per_step,
                 )  # fmt: skip
-                plotting.plot_loss_curve(log.history, workdir / LOSS_CURVE_FILE, str(workdir))
+                if is_main:
+                    plotting.plot_loss_curve(log.history, workdir / LOSS_CURVE_FILE, str(workdir))
                 logging.info(
                     "eval step %d: train loss %.4f  val loss %.4f  (best %.4f)",
                     step, train_loss, val_loss, best_val,
@@ -366,16 +462,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "step_time_ms": 1000 * train_seconds / timed_steps if timed_steps else None,
         "wall_time_s": time.perf_counter() - wall_start,
         "num_devices": jax.device_count(),
+        "num_processes": jax.process_count(),
         "platform": jax.devices()[0].platform,
-        "peak_device_memory_bytes": (jax.devices()[0].memory_stats() or {}).get(
+        "peak_device_memory_bytes": (jax.local_devices()[0].memory_stats() or {}).get(
             "peak_bytes_in_use"
         ),  # None where the device does not report it (CPU)
         "history": log.evals(),
     }
-    summary_path = workdir / checkpoints.SUMMARY_FILE
-    tmp = summary_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, summary_path)
+    if is_main:
+        summary_path = workdir / checkpoints.SUMMARY_FILE
+        tmp = summary_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, summary_path)
     logging.info("Done (%s): %s", stop_reason,
                  {k: v for k, v in summary.items() if k != "history"})  # fmt: skip
     return summary

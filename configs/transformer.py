@@ -18,6 +18,7 @@ MODEL = dict(
     position="learned",  # "learned" | "rope"
     norm="layernorm",  # "layernorm" | "rmsnorm"
     use_bias=False,
+    remat=False,  # recompute block activations in the backward pass (saves memory)
 )
 
 PRESETS = {

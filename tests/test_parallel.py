@@ -1,0 +1,193 @@
+"""Data parallelism, FSDP, two processes, gradient accumulation, mixed precision, remat.
+
+Several devices need `XLA_FLAGS` before JAX starts, so those runs are subprocesses; their
+losses are compared with runs of the same config on this process's single device.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, TINY_MODEL, TINY_TRAIN, tiny_config
+from flax import nnx
+
+from charlm_jax import models, parallel, train
+from charlm_jax.data import embedded_tiny_shakespeare
+from charlm_jax.metrics import read_history
+from charlm_jax.tokenizers import CharTokenizer
+
+STEPS = {"train.num_steps": 4, "train.log_every": 1, "train.eval_every": 4}
+TEXT = embedded_tiny_shakespeare().read_text(encoding="utf-8")[:20_000]
+
+
+def run_steps(config, num_steps: int = 4) -> tuple[dict, list[np.ndarray]]:
+    """Runs the train step on the visible devices: ({"losses", "flops" of the compiled
+    per-device program, "specs" of the parameters}, the final parameters)."""
+    tokenizer = CharTokenizer.from_text(TEXT)
+    mesh = parallel.make_mesh()
+    tx, _ = train.create_optimizer(config.train)
+    model_def, opt_def, model_state, opt_state, shardings = train.init_train_state(
+        config, tokenizer.vocab_size, tx, mesh
+    )
+    step = train.make_train_step(
+        model_def, opt_def, shardings, mesh, config.train.batch_size,
+        config.data.sequence_length, config.train.grad_accum_steps,
+    )  # fmt: skip
+    tokens = parallel.put_replicated(tokenizer.encode(TEXT), mesh)
+    key = jax.random.key(0)
+    compiled = step.lower(model_state, opt_state, tokens, key).compile()
+    losses = []
+    for _ in range(num_steps):
+        model_state, opt_state, metrics = compiled(model_state, opt_state, tokens, key)
+        losses.append(float(metrics.compute()["loss"]))
+    report = {
+        "losses": losses,
+        "flops": compiled.cost_analysis()["flops"],
+        "specs": [str(x.sharding.spec) for x in jax.tree.leaves(model_state)],
+    }
+    return report, jax.tree.leaves(jax.device_get(model_state))
+
+
+FOUR_DEVICES = """
+import json, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import jax
+from conftest import tiny_config
+from test_parallel import run_steps
+print(json.dumps({{
+    "devices": jax.device_count(),
+    "plain": run_steps(tiny_config())[0],
+    "fsdp": run_steps(tiny_config(**{{"train.fsdp": True}}))[0],
+}}))
+"""
+
+
+def subprocess_env(devices: int) -> dict:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def train_losses(workdir) -> list[float]:
+    return [r["loss"] for r in read_history(workdir) if r["kind"] == "train"]
+
+
+def test_four_devices_match_one_and_split_the_batch():
+    script = FOUR_DEVICES.format(root=str(ROOT), tests=str(ROOT / "tests"))
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+        env=subprocess_env(4),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    four = json.loads(result.stdout.strip().splitlines()[-1])
+    assert four["devices"] == 4
+    one, _ = run_steps(tiny_config())
+    for run in (four["plain"], four["fsdp"]):
+        np.testing.assert_allclose(run["losses"], one["losses"], atol=1e-5)
+    # Each device computes about a quarter of the one-device step: the batch is split.
+    assert four["plain"]["flops"] < 0.3 * one["flops"]
+    assert not any("'data'" in spec for spec in four["plain"]["specs"])  # replicated
+    assert any("'data'" in spec for spec in four["fsdp"]["specs"])  # FSDP splits parameters
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def main_command(workdir, text_file, *extra: str) -> list[str]:
+    """The command line for tiny_config(**STEPS) on `text_file`."""
+    overrides = {**TINY_MODEL["transformer"], **TINY_TRAIN, **STEPS, "data.path": text_file}
+    return [
+        sys.executable, "-m", "charlm_jax.main", "--config=configs/transformer.py",
+        f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items()), *extra,
+    ]  # fmt: skip
+
+
+def test_two_processes_match_one(tmp_path, text_file):
+    train.train_and_evaluate(
+        tiny_config(**STEPS, **{"data.path": str(text_file)}), tmp_path / "single"
+    )
+    address = f"localhost:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            main_command(
+                tmp_path / "multi",
+                text_file,
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                "--coordinator_timeout=120",
+            ),
+            cwd=ROOT,
+            env=subprocess_env(2),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
+    assert (summary["num_processes"], summary["num_devices"]) == (2, 4)
+    np.testing.assert_allclose(
+        train_losses(tmp_path / "multi"), train_losses(tmp_path / "single"), atol=1e-5
+    )
+    assert summary["steps"] == 4 and (tmp_path / "multi" / "checkpoints" / "4").is_dir()
+
+
+def test_unreachable_coordinator_is_one_line(tmp_path, text_file):
+    result = subprocess.run(
+        main_command(tmp_path, text_file, f"--coordinator_address=localhost:{free_port()}",
+                     "--num_processes=2", "--process_id=1", "--coordinator_timeout=2"),
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot reach the coordinator")
+    assert "Traceback" not in result.stderr
+
+
+def test_batch_not_divisible_by_devices():
+    parallel.check_batch_size(8, parallel.make_mesh())  # one device divides everything
+    three_devices = type("FakeMesh", (), {"size": 3})()
+    with pytest.raises(ValueError, match="not divisible by the 3 devices"):
+        parallel.check_batch_size(8, three_devices)
+
+
+def test_gradient_accumulation_equals_a_larger_batch():
+    def first_update(**overrides) -> list[np.ndarray]:
+        return run_steps(tiny_config(**{"train.warmup_steps": 0, **overrides}), num_steps=1)[1]
+
+    accumulated = first_update(**{"train.batch_size": 8, "train.grad_accum_steps": 4})
+    large = first_update(**{"train.batch_size": 32})
+    small = first_update(**{"train.batch_size": 8})
+    for a, b in zip(accumulated, large, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert any(not np.allclose(a, b, atol=1e-6) for a, b in zip(small, large, strict=True))
+
+
+def test_bfloat16_compute_trains_close_to_float32():
+    f32, _ = run_steps(tiny_config(), num_steps=20)
+    bf16, _ = run_steps(tiny_config(**{"model.dtype": "bfloat16"}), num_steps=20)
+    assert bf16["losses"][-1] < bf16["losses"][0] - 0.3
+    np.testing.assert_allclose(bf16["losses"], f32["losses"], atol=0.05)
+    assert bf16["losses"] != f32["losses"]  # bfloat16 really computed
+
+
+def test_remat_gives_the_same_losses():
+    config = tiny_config(**{"model.remat": True})
+    graphdef, state = nnx.split(models.create_model(config, 65, nnx.Rngs(0)))
+
+    def loss(state):
+        return nnx.merge(graphdef, state)(jnp.zeros((2, 8), jnp.int32), train=True).sum()
+
+    assert "remat" in str(jax.make_jaxpr(jax.grad(loss))(state))  # blocks are rematerialised
+    np.testing.assert_allclose(
+        run_steps(config)[0]["losses"], run_steps(tiny_config())[0]["losses"], atol=1e-5
+    )
