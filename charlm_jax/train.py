@@ -173,14 +173,10 @@ def make_train_step(
 
 
 def make_eval_step(
-    model_def: nnx.GraphDef,
-    model_sharding,
-    mesh: Mesh,
-    batch_size: int,
-    sequence_length: int,
-    num_batches: int,
+    model_def: nnx.GraphDef, mesh: Mesh, batch_size: int, sequence_length: int, num_batches: int
 ) -> Callable:
-    """(model_state, tokens, key) -> mean loss over `num_batches` random batches, jitted."""
+    """(model_state, tokens, key) -> mean loss over `num_batches` random batches, jitted; each
+    batch is split over the mesh's data axis."""
 
     def eval_step(model_state, tokens, key):
         model = nnx.merge(model_def, model_state)
@@ -194,12 +190,7 @@ def make_eval_step(
 
         return jnp.mean(jax.lax.map(batch_loss, jnp.arange(num_batches)))
 
-    replicated = parallel.replicated(mesh)
-    return jax.jit(
-        eval_step,
-        in_shardings=(model_sharding, replicated, replicated),
-        out_shardings=replicated,
-    )
+    return jax.jit(eval_step)
 
 
 def _prepare_workdir(workdir: str | Path) -> Path:
@@ -354,7 +345,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         model_def, opt_def, shardings, mesh, batch_size, seq_len, tc.grad_accum_steps
     )
     train_step = train_step.lower(model_state, opt_state, train_tokens, data_key).compile()
-    eval_step = make_eval_step(model_def, shardings[0], mesh, batch_size, seq_len, tc.eval_batches)
+    eval_step = make_eval_step(model_def, mesh, batch_size, seq_len, tc.eval_batches)
 
     def evaluate(state) -> tuple[float, float]:
         # The same batches at every evaluation, so successive losses compare.

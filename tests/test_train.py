@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from charlm_jax import checkpoints, data, models, train
+from charlm_jax import checkpoints, data, models, parallel, train
 from charlm_jax.errors import UserError
 from charlm_jax.tokenizers import CharTokenizer
 
@@ -67,7 +67,7 @@ def test_reloaded_checkpoint_reproduces_the_eval_loss(tmp_path, text_file):
     model, tokenizer, loaded_config = checkpoints.load_model(workdir, "latest")
     assert loaded_config.to_dict() == config.to_dict()
     _, val = data.split_tokens(tokenizer.encode(text_file.read_text()), 0.1, 32)
-    eval_step = train.make_eval_step(nnx.graphdef(model), 8, 32, 2)
+    eval_step = train.make_eval_step(nnx.graphdef(model), parallel.make_mesh(), 8, 32, 2)
     eval_key = jax.random.split(jax.random.key(config.train.seed))[1]
     val_loss = float(eval_step(nnx.state(model), jax.numpy.asarray(val), eval_key))
     assert val_loss == summary["final_val_loss"]
