@@ -4,12 +4,14 @@ The steps use Flax's functional pattern: the model and optimizer are split once 
 static graph and a state pytree; each step merges them inside `jax.jit`, computes, and
 returns the new state (donated, so it is updated in place). Batches are drawn on the device
 from the step's RNG key (`fold_in(seed, step)`), so the host does no per-step work and a
-resumed run sees exactly the batches an uninterrupted one would.
+resumed run sees exactly the batches an uninterrupted one would. Corpora kept off the device
+(memory-mapped) get the same batches drawn on the host and prefetched (`data.HostBatches`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -32,8 +34,8 @@ from flax import nnx
 
 from charlm_jax import checkpoints, data, models, plotting
 from charlm_jax.errors import UserError
-from charlm_jax.metrics import MetricsLog, TrainMetrics
-from charlm_jax.tokenizers import CharTokenizer, load_tokenizer
+from charlm_jax.metrics import MetricsLog, TrainMetrics, bits_per_character
+from charlm_jax.tokenizers import create_tokenizer, load_tokenizer
 
 LOSS_CURVE_FILE = "loss_curve.png"
 
@@ -76,17 +78,28 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def make_train_step(
-    model_def: nnx.GraphDef, opt_def: nnx.GraphDef, batch_size: int, sequence_length: int
+    model_def: nnx.GraphDef,
+    opt_def: nnx.GraphDef,
+    batch_size: int,
+    sequence_length: int,
+    on_device: bool = True,
 ) -> Callable:
-    """(model_state, opt_state, tokens, key) -> (model_state, opt_state, metrics)."""
+    """(model_state, opt_state, batch_data, key) -> (model_state, opt_state, metrics).
+
+    `batch_data` is all the training tokens (`on_device`: the step draws its batch), or the
+    step's (inputs, targets), drawn on the host from the same key (`data.HostBatches`).
+    """
 
     def loss_fn(model, inputs, targets, rngs):
         return cross_entropy(model(inputs, train=True, rngs=rngs), targets)
 
-    def train_step(model_state, opt_state, tokens, key):
+    def train_step(model_state, opt_state, batch_data, key):
         model, opt = nnx.merge(model_def, model_state), nnx.merge(opt_def, opt_state)
-        batch_key, dropout_key = jax.random.split(jax.random.fold_in(key, opt.step[...]))
-        inputs, targets = data.sample_batch(tokens, batch_key, batch_size, sequence_length)
+        batch_key, dropout_key = data.step_keys(key, opt.step[...])
+        if on_device:
+            inputs, targets = data.sample_batch(batch_data, batch_key, batch_size, sequence_length)
+        else:
+            inputs, targets = batch_data
         loss, grads = nnx.value_and_grad(loss_fn)(
             model, inputs, targets, nnx.Rngs(dropout=dropout_key)
         )
@@ -98,17 +111,28 @@ def make_train_step(
 
 
 def make_eval_step(
-    model_def: nnx.GraphDef, batch_size: int, sequence_length: int, num_batches: int
+    model_def: nnx.GraphDef,
+    batch_size: int,
+    sequence_length: int,
+    num_batches: int,
+    on_device: bool = True,
 ) -> Callable:
-    """(model_state, tokens, key) -> mean loss over `num_batches` random batches."""
+    """(model_state, batch_data, key) -> mean loss over `num_batches` random batches.
 
-    def eval_step(model_state, tokens, key):
+    `batch_data` is a split's tokens (`on_device`), or its batches drawn on the host
+    (`data.host_batches`, the same batches).
+    """
+
+    def eval_step(model_state, batch_data, key):
         model = nnx.merge(model_def, model_state)
 
         def batch_loss(i):
-            inputs, targets = data.sample_batch(
-                tokens, jax.random.fold_in(key, i), batch_size, sequence_length
-            )
+            if on_device:
+                inputs, targets = data.sample_batch(
+                    batch_data, jax.random.fold_in(key, i), batch_size, sequence_length
+                )
+            else:
+                inputs, targets = batch_data[0][i], batch_data[1][i]
             return cross_entropy(model(inputs), targets)
 
         return jnp.mean(jax.lax.map(batch_loss, jnp.arange(num_batches)))
@@ -217,14 +241,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     manager = checkpoints.open_manager(workdir, keep_latest=max(tc.keep_checkpoints, 1))
     resuming = bool(manager.all_steps())
-    text = data.load_text(config.data)
+    corpus = data.open_corpus(config.data)
     if resuming:
         _check_resumable(config, checkpoints.load_config(workdir), workdir)
         tokenizer = load_tokenizer(workdir / checkpoints.TOKENIZER_FILE)
     else:
-        tokenizer = CharTokenizer.from_text(text, allow_unknown=config.data.allow_unknown)
-    train_np, val_np = data.split_tokens(tokenizer.encode(text), config.data.val_fraction, seq_len)
-    train_tokens, val_tokens = jnp.asarray(train_np), jnp.asarray(val_np)
+        train_part = corpus.chunks(1.0 - config.data.val_fraction)
+        tokenizer = create_tokenizer(config.data, corpus.chunks(), train_part)
+    tokens = corpus.tokens(tokenizer)
+    train_np, val_np = data.split_tokens(tokens, config.data.val_fraction, seq_len)
+    chars_per_token = data.chars_per_token(tokenizer, val_np)
+    on_device = data.batches_on_device(config.data, tokens)
     if tc.num_epochs > 0:
         tc.num_steps = max(1, math.ceil(tc.num_epochs * len(train_np) / tokens_per_step))
         logging.info("%g epochs of %d tokens: %d steps", tc.num_epochs, len(train_np), tc.num_steps)
@@ -257,13 +284,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     key = jax.random.key(tc.seed)
     data_key, eval_key = jax.random.split(key)
-    train_step = make_train_step(model_def, opt_def, batch_size, seq_len)
-    train_step = train_step.lower(model_state, opt_state, train_tokens, data_key).compile()
-    eval_step = make_eval_step(model_def, batch_size, seq_len, tc.eval_batches)
+    if on_device:
+        train_tokens = jnp.asarray(train_np, jnp.int32)
+        eval_data = (train_tokens, jnp.asarray(val_np, jnp.int32))
+        batches = (train_tokens for _ in itertools.count())  # closable, like HostBatches
+        batch_spec = train_tokens
+    else:
+        eval_data = [
+            data.host_batches(t, eval_key, batch_size, seq_len, tc.eval_batches)
+            for t in (train_np, val_np)
+        ]
+        batches = data.HostBatches(train_np, data_key, batch_size, seq_len, start_step)
+        batch_spec = (jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),) * 2
+    train_step = make_train_step(model_def, opt_def, batch_size, seq_len, on_device)
+    train_step = train_step.lower(model_state, opt_state, batch_spec, data_key).compile()
+    eval_step = make_eval_step(model_def, batch_size, seq_len, tc.eval_batches, on_device)
 
     def evaluate(state) -> tuple[float, float]:
         # The same batches at every evaluation, so successive losses compare.
-        losses = [eval_step(state, tokens, eval_key) for tokens in (train_tokens, val_tokens)]
+        losses = [eval_step(state, split, eval_key) for split in eval_data]
         return tuple(float(x) for x in jax.device_get(losses))
 
     train_seconds, timed_steps = 0.0, 0
@@ -276,11 +315,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         total=tc.num_steps, initial=step, unit="step", disable=not sys.stderr.isatty()
     )
     # Leaving the block, also on an error, waits for background checkpoint saves to finish.
-    with progress, _StopSignals() as signals, manager, contextlib.closing(log):
+    with (
+        progress,
+        _StopSignals() as signals,
+        manager,
+        contextlib.closing(log),
+        contextlib.closing(batches),
+    ):
         tick = time.perf_counter()
         while step < tc.num_steps:
             model_state, opt_state, metrics = train_step(
-                model_state, opt_state, train_tokens, data_key
+                model_state, opt_state, next(batches), data_key
             )
             step += 1
             pending.append(metrics)
@@ -326,7 +371,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 checkpoints.save(manager, step, model_state, opt_state, val_loss)
                 log.write(
                     step, "eval", train_loss=train_loss, val_loss=val_loss,
-                    val_bpc=val_loss / math.log(2), tokens=step * tokens_per_step,
+                    val_bpc=bits_per_character(val_loss, chars_per_token),
+                    tokens=step * tokens_per_step,
                 )  # fmt: skip
                 plotting.plot_loss_curve(log.history, workdir / LOSS_CURVE_FILE, str(workdir))
                 logging.info(
@@ -359,7 +405,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "final_train_loss": train_loss,
         "final_val_loss": val_loss,
         "best_val_loss": best_val if math.isfinite(best_val) else None,
-        "best_val_bpc": best_val / math.log(2) if math.isfinite(best_val) else None,
+        "best_val_bpc": bits_per_character(best_val, chars_per_token)
+        if math.isfinite(best_val)
+        else None,
+        "tokenizer": tokenizer.kind,
+        "vocab_size": tokenizer.vocab_size,
+        "val_chars_per_token": chars_per_token,
         "train_tokens_per_sec": tokens_per_step * timed_steps / train_seconds
         if timed_steps
         else None,
