@@ -24,6 +24,9 @@ def base_config(model: Mapping[str, Any]) -> ml_collections.ConfigDict:
     config.data.sequence_length = 128
     config.data.allow_unknown = False  # map characters outside the vocabulary to <unk>
     config.data.decode_errors = "strict"  # "strict": bad UTF-8 is an error | "replace": U+FFFD
+    config.data.lowercase = False  # preprocessing, saved with the tokenizer (prompts get it too)
+    config.data.charset = ""  # keep only these characters ("" = all); the others are
+    config.data.charset_replacement = ""  # replaced by this ("" = dropped)
     config.data.tokenizer = "char"  # "char" | "bpe" (trained on the training split)
     config.data.vocab_size = 512  # BPE only: tokens, <unk> and every character included
     config.data.memmap_above_mb = 100.0  # larger files: tokenized once to a memory-mapped cache

@@ -1,6 +1,7 @@
 """Tokenizers behind one interface (`encode`, `decode`, `vocab_size`, `chars`, `save`):
-characters, or BPE trained with HuggingFace `tokenizers`. Saved as JSON beside the
-checkpoints and loaded back with `load_tokenizer`."""
+characters, or BPE trained with HuggingFace `tokenizers`. Each applies its text
+preprocessing (`preprocess.TextFilter`) in `encode`. Saved as JSON beside the checkpoints and
+loaded back with `load_tokenizer`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import tokenizers as hf
 
 from charlm_jax.errors import UserError
+from charlm_jax.preprocess import TextFilter
 
 UNK_TEXT = "\ufffd"  # what an unknown-character id decodes to
 BPE_UNK = "<unk>"
@@ -34,6 +36,7 @@ class Tokenizer(Protocol):
     kind: str
     chars: list[str]  # the characters it can encode
     allow_unknown: bool
+    text_filter: TextFilter  # applied to text in `encode`
 
     @property
     def vocab_size(self) -> int: ...
@@ -76,22 +79,33 @@ class CharTokenizer:
 
     kind = "char"
 
-    def __init__(self, chars: Sequence[str], allow_unknown: bool = False):
+    def __init__(
+        self,
+        chars: Sequence[str],
+        allow_unknown: bool = False,
+        text_filter: TextFilter = TextFilter(),  # noqa: B008 (frozen)
+    ):
         if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
             raise ValueError("chars must be distinct single characters")
         self.chars = list(chars)
         self.allow_unknown = allow_unknown
+        self.text_filter = text_filter
         self._codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)
         self._order = np.argsort(self._codes)
         self._sorted_codes = self._codes[self._order]
         self._decode_table = self.chars + ([UNK_TEXT] if allow_unknown else [])
 
     @classmethod
-    def from_text(cls, text: str | Iterable[str], allow_unknown: bool = False) -> CharTokenizer:
+    def from_text(
+        cls,
+        text: str | Iterable[str],
+        allow_unknown: bool = False,
+        text_filter: TextFilter = TextFilter(),  # noqa: B008 (frozen)
+    ) -> CharTokenizer:
         """Builds the vocabulary from the distinct characters of `text` (or of an iterable
-        of text chunks), sorted."""
-        chunks = [text] if isinstance(text, str) else text
-        return cls(sorted(set().union(*map(set, chunks))), allow_unknown=allow_unknown)
+        of text chunks) after `text_filter`, sorted."""
+        chunks = map(text_filter, [text] if isinstance(text, str) else text)
+        return cls(sorted(set().union(*map(set, chunks))), allow_unknown, text_filter)
 
     @property
     def vocab_size(self) -> int:
@@ -103,6 +117,7 @@ class CharTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         """Returns the ids of `text` as an int32 array."""
+        text = self.text_filter(text)
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         pos = np.minimum(np.searchsorted(self._sorted_codes, codes), len(self._codes) - 1)
         known = self._sorted_codes[pos] == codes
@@ -122,6 +137,7 @@ class CharTokenizer:
             "kind": self.kind,
             "chars": "".join(self.chars),
             "allow_unknown": self.allow_unknown,
+            "preprocess": self.text_filter.to_dict(),
         }
 
     def save(self, path: str | Path) -> None:
@@ -153,9 +169,15 @@ class BpeTokenizer:
 
     kind = "bpe"
 
-    def __init__(self, model: hf.Tokenizer, allow_unknown: bool = False):
+    def __init__(
+        self,
+        model: hf.Tokenizer,
+        allow_unknown: bool = False,
+        text_filter: TextFilter = TextFilter(),  # noqa: B008 (frozen)
+    ):
         self._model = model
         self.allow_unknown = allow_unknown
+        self.text_filter = text_filter
         self.unk_id = model.token_to_id(BPE_UNK)
         tokens = [model.id_to_token(i) for i in range(model.get_vocab_size())]
         self.chars = [t for i, t in enumerate(tokens) if len(t) == 1 and i != self.unk_id]
@@ -163,19 +185,23 @@ class BpeTokenizer:
 
     @classmethod
     def train(
-        cls, texts: Iterable[str], vocab_size: int, allow_unknown: bool = False
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        allow_unknown: bool = False,
+        text_filter: TextFilter = TextFilter(),  # noqa: B008 (frozen)
     ) -> BpeTokenizer:
-        """Learns merges from `texts` (chunks of the training text) up to `vocab_size`
-        tokens, `<unk>` and every character of the text included."""
+        """Learns merges from `texts` (chunks of the training text, put through
+        `text_filter`) up to `vocab_size` tokens, `<unk>` and every character included."""
         model = hf.Tokenizer(hf.models.BPE(unk_token=BPE_UNK))
         model.pre_tokenizer = hf.pre_tokenizers.Split(hf.Regex(BPE_WORD), behavior="isolated")
         trainer = hf.trainers.BpeTrainer(
             vocab_size=vocab_size, special_tokens=[BPE_UNK], show_progress=False
         )
         model.train_from_iterator(
-            (p for text in texts for p in _pieces(text, ENCODE_PIECE)), trainer
+            (p for text in map(text_filter, texts) for p in _pieces(text, ENCODE_PIECE)), trainer
         )
-        tokenizer = cls(model, allow_unknown)
+        tokenizer = cls(model, allow_unknown, text_filter)
         if model.get_vocab_size() < vocab_size:
             raise UserError(
                 f"data.vocab_size={vocab_size} is more than the training text supports: BPE "
@@ -195,6 +221,7 @@ class BpeTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         """Returns the ids of `text` as an int32 array (long texts encode in parallel)."""
+        text = self.text_filter(text)
         encodings = self._model.encode_batch_fast(list(_pieces(text, ENCODE_PIECE)))
         ids = np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encodings])
         if not self.allow_unknown and (ids == self.unk_id).any():
@@ -209,6 +236,7 @@ class BpeTokenizer:
         return {
             "kind": self.kind,
             "allow_unknown": self.allow_unknown,
+            "preprocess": self.text_filter.to_dict(),
             "model": json.loads(self._model.to_str()),
         }
 
@@ -221,10 +249,11 @@ def create_tokenizer(
 ) -> Tokenizer:
     """The tokenizer `config` (the `data` section) names: characters of `all_text`, or BPE
     trained on `train_text` (both iterables of text chunks)."""
+    text_filter = TextFilter.from_config(config)
     if config.tokenizer == "char":
-        return CharTokenizer.from_text(all_text, allow_unknown=config.allow_unknown)
+        return CharTokenizer.from_text(all_text, config.allow_unknown, text_filter)
     if config.tokenizer == "bpe":
-        return BpeTokenizer.train(train_text, config.vocab_size, config.allow_unknown)
+        return BpeTokenizer.train(train_text, config.vocab_size, config.allow_unknown, text_filter)
     raise UserError(f"data.tokenizer must be 'char' or 'bpe', got {config.tokenizer!r}")
 
 
@@ -234,9 +263,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         spec = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read tokenizer {path}: {e}") from None
+    text_filter = TextFilter(**spec.get("preprocess", {}))
     if spec.get("kind") == CharTokenizer.kind:
-        return CharTokenizer(list(spec["chars"]), allow_unknown=spec["allow_unknown"])
+        return CharTokenizer(list(spec["chars"]), spec["allow_unknown"], text_filter)
     if spec.get("kind") == BpeTokenizer.kind:
         model = hf.Tokenizer.from_str(json.dumps(spec["model"]))
-        return BpeTokenizer(model, allow_unknown=spec["allow_unknown"])
+        return BpeTokenizer(model, spec["allow_unknown"], text_filter)
     raise UserError(f"tokenizer {path} has unsupported kind {spec.get('kind')!r}")

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from charlm_jax import tokenizers
 from charlm_jax.errors import UserError
@@ -100,3 +101,21 @@ def test_bpe_unknown_characters(bpe):
 def test_bpe_vocabulary_size_the_text_cannot_support(vocab_size, message):
     with pytest.raises(UserError, match=message):
         BpeTokenizer.train([UNICODE_TEXT], vocab_size=vocab_size)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_preprocessing_is_saved_with_the_tokenizer_and_applied_to_prompts(kind, tmp_path):
+    config = tiny_config(
+        **{"data.tokenizer": kind, "data.vocab_size": 30, "data.lowercase": True,
+           "data.charset": "abcdefghijklmnopqrstuvwxyz \n", "data.charset_replacement": "#"}
+    ).data  # fmt: skip
+    text = "ROMEO: Wherefore art thou, Roméo?\n" * 40
+    tokenizer = tokenizers.create_tokenizer(config, [text], [text])
+    assert set(tokenizer.chars) <= set(config.charset + "#")
+    tokenizer.save(tmp_path / "tok.json")
+    loaded = load_tokenizer(tmp_path / "tok.json")
+    assert loaded.decode(loaded.encode("ROMEO: Thou?")) == "romeo# thou#"
+    assert loaded.decode(loaded.encode(text)) == "romeo# wherefore art thou# rom#o#\n" * 40
+    config.charset_replacement = ""  # dropped instead
+    dropped = tokenizers.create_tokenizer(config, [text], [text])
+    assert dropped.decode(dropped.encode("Thou, Roméo?")) == "thou romo"
