@@ -25,7 +25,7 @@ from charlm_jax.tokenizers import Tokenizer
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
-CHUNK_BYTES = 4 << 20  # large files are read and tokenized in chunks of this many bytes
+CHUNK_BYTES = 1 << 20  # large files are read and tokenized in chunks of this many bytes
 CHUNK_TOKENS = 1 << 22  # token arrays are scanned on the host in chunks of this many
 PREFETCH_BATCHES = 4  # host batches prepared ahead of the training step
 DECODE_ERRORS = ("strict", "replace")

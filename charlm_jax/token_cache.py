@@ -1,7 +1,8 @@
 """Token files for corpora too large to hold: a text file is tokenized once, in chunks, into
-DIR/NAME.KEY.DTYPE.tokens beside it (raw little-endian integers, nanoGPT's train.bin idea),
-and read back as a memory map. KEY hashes the file's size and modification time and the
-tokenizer, so a changed text or tokenizer writes a new file (and removes the stale one)."""
+DIR/NAME.TEXT.KEY.DTYPE.tokens beside it (raw little-endian integers, nanoGPT's train.bin
+idea), and read back as a memory map. TEXT hashes the file's size and modification time, KEY
+the tokenizer: a changed tokenizer writes another file, a changed text also removes the
+files of its old version."""
 
 from __future__ import annotations
 
@@ -29,12 +30,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
     raise ValueError(f"vocabulary too large: {vocab_size}")
 
 
+def _digest(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _text_prefix(text_path: Path) -> str:
+    stat = text_path.stat()
+    return f"{text_path.name}.{_digest({'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns})}."
+
+
 def cache_path(text_path: Path, key: dict, vocab_size: int) -> Path:
     """Where the tokens of `text_path` under `key` (the tokenizer and reading options) go."""
-    stat = text_path.stat()
-    spec = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **key}
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    return text_path.with_name(f"{text_path.name}.{digest}.{token_dtype(vocab_size)}{SUFFIX}")
+    name = f"{_text_prefix(text_path)}{_digest(key)}.{token_dtype(vocab_size)}{SUFFIX}"
+    return text_path.with_name(name)
 
 
 def load_or_build(
@@ -45,8 +53,9 @@ def load_or_build(
     target = cache_path(text_path, key, vocab_size)
     dtype = token_dtype(vocab_size)
     if not target.exists():
-        for stale in text_path.parent.glob(f"{glob.escape(text_path.name)}.*{SUFFIX}"):
-            stale.unlink()
+        for old in text_path.parent.glob(f"{glob.escape(text_path.name)}.*{SUFFIX}"):
+            if not old.name.startswith(_text_prefix(text_path)):
+                old.unlink()  # tokens of an earlier version of the text
         tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
         start = time.perf_counter()
         try:
