@@ -21,7 +21,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from charlm_jax import models
 from charlm_jax.errors import UserError
-from charlm_jax.tokenizers import CharTokenizer, load_tokenizer
+from charlm_jax.tokenizers import Tokenizer, load_tokenizer
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -154,7 +154,7 @@ def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
 
 def load_model(
     workdir: str | Path, checkpoint: str | int = "best"
-) -> tuple[nnx.Module, CharTokenizer, ml_collections.ConfigDict]:
+) -> tuple[nnx.Module, Tokenizer, ml_collections.ConfigDict]:
     """Loads a trained model, its tokenizer and config from a workdir.
 
     `checkpoint` is "best" (lowest validation loss), "latest" or a step number.

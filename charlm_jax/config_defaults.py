@@ -18,12 +18,27 @@ def base_config(model: Mapping[str, Any]) -> ml_collections.ConfigDict:
     config.model.param_dtype = "float32"  # parameters and optimizer state
 
     config.data = ml_collections.ConfigDict()
+    config.data.source = "file"  # "file" (data.path) | "tfds" (data.tfds_name)
     config.data.path = ""  # UTF-8 text file; "" = the tiny Shakespeare copy inside the package
     config.data.download = False  # fetch data.download_url to data.path if that file is absent
     config.data.download_url = TINY_SHAKESPEARE_URL
     config.data.val_fraction = 0.1  # the last 10% of the text, by position
     config.data.sequence_length = 128
     config.data.allow_unknown = False  # map characters outside the vocabulary to <unk>
+    config.data.decode_errors = "strict"  # "strict": bad UTF-8 is an error | "replace": U+FFFD
+    config.data.lowercase = False  # preprocessing, saved with the tokenizer (prompts get it too)
+    config.data.charset = ""  # keep only these characters ("" = all); the others are
+    config.data.charset_replacement = ""  # replaced by this ("" = dropped)
+    config.data.tokenizer = "char"  # "char" | "bpe" (trained on the training split)
+    config.data.vocab_size = 512  # BPE only: tokens, <unk> and every character included
+    config.data.memmap_above_mb = 100.0  # larger files: tokenized once to a memory-mapped cache
+    config.data.batches = "auto"  # "device" | "host" (prefetched) | "auto": host if memory-mapped
+    # TFDS (data.source="tfds"): a catalog dataset, or with data.path (a file, files separated
+    # by commas, or a folder of them) a local corpus prepared as a TFDS dataset of that name.
+    config.data.tfds_name = ""
+    config.data.tfds_data_dir = ""  # "" = TFDS's default (~/tensorflow_datasets)
+    config.data.tfds_manual_dir = ""  # a catalog dataset's downloaded source files (offline)
+    config.data.tfds_download = False  # allow TFDS to download a catalog dataset's sources
 
     config.train = ml_collections.ConfigDict()
     config.train.seed = 0

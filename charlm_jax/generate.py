@@ -22,7 +22,7 @@ flags.DEFINE_string("checkpoint", "best", 'Checkpoint: "best", "latest" or a ste
 flags.DEFINE_string("prompt", "", "Text to continue; empty starts from a newline.")
 flags.DEFINE_string("prompts_file", None, "A file of prompts, one per line, sampled as one batch.")
 flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
-flags.DEFINE_integer("max_new_tokens", 500, "Characters to generate per sample.")
+flags.DEFINE_integer("max_new_tokens", 500, "Tokens (characters, for char models) per sample.")
 flags.DEFINE_float("temperature", None, "Sampling temperature (default 1; 0 is greedy).")
 flags.DEFINE_integer("top_k", None, "Keep only the k most likely characters (0: all).")
 flags.DEFINE_float("top_p", None, "Keep the most likely characters up to this total probability.")

@@ -2,6 +2,7 @@
 the plots) and to TensorBoard event files in DIR/tensorboard (tensorboardX: no TensorFlow)."""
 
 import json
+import math
 from pathlib import Path
 
 import flax
@@ -16,6 +17,12 @@ TENSORBOARD_DIR = "tensorboard"
 class TrainMetrics(clu_metrics.Collection):
     loss: clu_metrics.Average.from_output("loss")
     grad_norm: clu_metrics.Average.from_output("grad_norm")
+
+
+def bits_per_character(loss: float, chars_per_token: float) -> float:
+    """A loss in nats per token as bits per character of text: comparable across tokenizers
+    (for the character tokenizer, loss / ln 2)."""
+    return loss / math.log(2) / chars_per_token
 
 
 def read_history(workdir: str | Path) -> list[dict]:

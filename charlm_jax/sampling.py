@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from charlm_jax import checkpoints
-from charlm_jax.tokenizers import CharTokenizer
+from charlm_jax.tokenizers import Tokenizer
 
 STREAM_CHUNK = 16  # tokens per jitted call when streaming
 MIN_OUTPUT_BUCKET = 64  # output buffers are sized to powers of two from here
@@ -176,7 +176,7 @@ class Sampler:
     its tokenizer.
     """
 
-    def __init__(self, model: nnx.Module, tokenizer: CharTokenizer, context_length: int):
+    def __init__(self, model: nnx.Module, tokenizer: Tokenizer, context_length: int):
         self.model = model
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -238,7 +238,7 @@ class Sampler:
         rows = []
         for prompt in prompts:
             ids = self.tokenizer.encode(prompt) if prompt else np.array([self._start_id])
-            rows.append(ids[-length:])  # a longer prompt keeps its last `length` characters
+            rows.append(ids[-length:])  # a longer prompt keeps its last `length` tokens
         filled = max(len(r) for r in rows)
         tokens = np.zeros((len(rows), length), np.int32)
         pad = np.array([filled - len(r) for r in rows], np.int32)
@@ -287,7 +287,7 @@ class Sampler:
         """Returns each prompt's continuation (without the prompt), cut before `stop`.
 
         Sampling defaults: temperature 1, no top-k (0), no top-p (1). With `beam_size` > 1,
-        beam search returns the most probable continuation of `max_new_tokens` characters;
+        beam search returns the most probable continuation of `max_new_tokens` tokens;
         it takes no sampling options.
         """
         if beam_size > 1:
@@ -310,7 +310,7 @@ class Sampler:
         return texts
 
     def beam_search(self, prompt: str, beam_size: int, max_new_tokens: int) -> str:
-        """The continuation of `max_new_tokens` characters with the highest total
+        """The continuation of `max_new_tokens` tokens with the highest total
         log-probability found by a beam of `beam_size`."""
         check_sampling_args(0.0, 0, 1.0, max_new_tokens)
         tokens, filled, pad = self._encode_prompts([prompt] * beam_size)
@@ -319,7 +319,7 @@ class Sampler:
         return self.tokenizer.decode(np.asarray(out)[:max_new_tokens])
 
     def log_probs(self, text: str) -> np.ndarray:
-        """Log-probabilities (nats) of each character of `text` after the first, given the
+        """Log-probabilities (nats) of each token of `text` after the first, given the
         ones before it (in windows of the model's context)."""
         ids = self.tokenizer.encode(text)
         length = self.context_length
@@ -335,8 +335,8 @@ class Sampler:
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def perplexity(self, text: str) -> float:
-        """exp of the mean negative log-probability per character of `text` (after the first)."""
+        """exp of the mean negative log-probability per token of `text` (after the first)."""
         logp = self.log_probs(text)
         if not len(logp):
-            raise ValueError("perplexity needs a text of at least 2 characters")
+            raise ValueError("perplexity needs a text of at least 2 tokens")
         return math.exp(-float(logp.mean()))

@@ -4,12 +4,14 @@ The steps use Flax's functional pattern: the model and optimizer are split once 
 static graph and a state pytree; each step merges them inside `jax.jit`, computes, and
 returns the new state (donated, so it is updated in place). Batches are drawn on the device
 from the step's RNG key (`fold_in(seed, step)`), so the host does no per-step work and a
-resumed run sees exactly the batches an uninterrupted one would.
+resumed run sees exactly the batches an uninterrupted one would. Corpora kept off the device
+(memory-mapped) get the same batches drawn on the host and prefetched (`data.HostBatches`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -33,8 +35,8 @@ from jax.sharding import Mesh
 
 from charlm_jax import checkpoints, data, models, parallel, plotting
 from charlm_jax.errors import UserError
-from charlm_jax.metrics import MetricsLog, TrainMetrics
-from charlm_jax.tokenizers import CharTokenizer, load_tokenizer
+from charlm_jax.metrics import MetricsLog, TrainMetrics, bits_per_character
+from charlm_jax.tokenizers import create_tokenizer, load_tokenizer
 
 LOSS_CURVE_FILE = "loss_curve.png"
 
@@ -110,12 +112,15 @@ def make_train_step(
     batch_size: int,
     sequence_length: int,
     grad_accum_steps: int = 1,
+    on_device: bool = True,
 ) -> Callable:
-    """(model_state, opt_state, tokens, key) -> (model_state, opt_state, metrics), jitted.
+    """(model_state, opt_state, batch_data, key) -> (model_state, opt_state, metrics), jitted.
 
+    `batch_data` is all the training tokens (`on_device`: the step draws its batch), or the
+    step's (inputs, targets), drawn on the host from the same key (`data.HostBatches`).
     `shardings` are the (model_state, opt_state) shardings; each batch is split over the
-    mesh's data axis. With `grad_accum_steps` k > 1, the step draws k * batch_size windows
-    (the same ones a k-times larger batch would see), averages their gradients over k
+    mesh's data axis. With `grad_accum_steps` k > 1, a step takes k * batch_size windows
+    (the same ones a k-times larger batch would), averages their gradients over k
     micro-batches, and makes one update.
     """
 
@@ -126,12 +131,15 @@ def make_train_step(
 
         return nnx.value_and_grad(loss_fn)(nnx.merge(model_def, model_state))
 
-    def train_step(model_state, opt_state, tokens, key):
+    def train_step(model_state, opt_state, batch_data, key):
         model, opt = nnx.merge(model_def, model_state), nnx.merge(opt_def, opt_state)
-        batch_key, dropout_key = jax.random.split(jax.random.fold_in(key, opt.step[...]))
-        inputs, targets = data.sample_batch(
-            tokens, batch_key, grad_accum_steps * batch_size, sequence_length
-        )
+        batch_key, dropout_key = data.step_keys(key, opt.step[...])
+        if on_device:
+            inputs, targets = data.sample_batch(
+                batch_data, batch_key, grad_accum_steps * batch_size, sequence_length
+            )
+        else:
+            inputs, targets = batch_data
         if grad_accum_steps == 1:
             inputs, targets = jax.lax.with_sharding_constraint(
                 (inputs, targets), parallel.batch_sharding(mesh)
@@ -164,28 +172,41 @@ def make_train_step(
 
     model_sh, opt_sh = shardings
     replicated = parallel.replicated(mesh)
+    batch_sh = replicated if on_device else parallel.batch_sharding(mesh)
     return jax.jit(
         train_step,
-        in_shardings=(model_sh, opt_sh, replicated, replicated),
+        in_shardings=(model_sh, opt_sh, batch_sh, replicated),
         out_shardings=(model_sh, opt_sh, replicated),
         donate_argnums=(0, 1),
     )
 
 
 def make_eval_step(
-    model_def: nnx.GraphDef, mesh: Mesh, batch_size: int, sequence_length: int, num_batches: int
+    model_def: nnx.GraphDef,
+    mesh: Mesh,
+    batch_size: int,
+    sequence_length: int,
+    num_batches: int,
+    on_device: bool = True,
 ) -> Callable:
-    """(model_state, tokens, key) -> mean loss over `num_batches` random batches, jitted; each
-    batch is split over the mesh's data axis."""
+    """(model_state, batch_data, key) -> mean loss over `num_batches` random batches, jitted;
+    each batch is split over the mesh's data axis.
 
-    def eval_step(model_state, tokens, key):
+    `batch_data` is a split's tokens (`on_device`), or its batches drawn on the host
+    (`data.host_batches`, the same batches).
+    """
+
+    def eval_step(model_state, batch_data, key):
         model = nnx.merge(model_def, model_state)
 
         def batch_loss(i):
-            inputs, targets = jax.lax.with_sharding_constraint(
-                data.sample_batch(tokens, jax.random.fold_in(key, i), batch_size, sequence_length),
-                parallel.batch_sharding(mesh),
-            )
+            if on_device:
+                batch = data.sample_batch(
+                    batch_data, jax.random.fold_in(key, i), batch_size, sequence_length
+                )
+            else:
+                batch = batch_data[0][i], batch_data[1][i]
+            inputs, targets = jax.lax.with_sharding_constraint(batch, parallel.batch_sharding(mesh))
             return cross_entropy(model(inputs), targets)
 
         return jnp.mean(jax.lax.map(batch_loss, jnp.arange(num_batches)))
@@ -302,14 +323,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     manager = checkpoints.open_manager(workdir, keep_latest=max(tc.keep_checkpoints, 1))
     resuming = bool(manager.all_steps())
-    text = data.load_text(config.data)
+    corpus = data.open_corpus(config.data)
     if resuming:
         _check_resumable(config, checkpoints.load_config(workdir), workdir)
         tokenizer = load_tokenizer(workdir / checkpoints.TOKENIZER_FILE)
     else:
-        tokenizer = CharTokenizer.from_text(text, allow_unknown=config.data.allow_unknown)
-    train_np, val_np = data.split_tokens(tokenizer.encode(text), config.data.val_fraction, seq_len)
-    train_tokens, val_tokens = (parallel.put_replicated(t, mesh) for t in (train_np, val_np))
+        train_part = corpus.chunks(1.0 - config.data.val_fraction)
+        tokenizer = create_tokenizer(config.data, corpus.chunks(), train_part)
+    tokens = corpus.tokens(tokenizer)
+    train_np, val_np = data.split_tokens(tokens, config.data.val_fraction, seq_len)
+    chars_per_token = data.chars_per_token(tokenizer, val_np)
+    on_device = data.batches_on_device(config.data, tokens)
     if tc.num_epochs > 0:
         tc.num_steps = max(1, math.ceil(tc.num_epochs * len(train_np) / tokens_per_step))
         logging.info("%g epochs of %d tokens: %d steps", tc.num_epochs, len(train_np), tc.num_steps)
@@ -341,15 +365,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     key = jax.random.key(tc.seed)
     data_key, eval_key = jax.random.split(key)
+    step_batch = batch_size * tc.grad_accum_steps  # windows drawn per step
+    if on_device:
+        train_tokens, val_tokens = (
+            parallel.put_replicated(np.asarray(t, np.int32), mesh) for t in (train_np, val_np)
+        )
+        eval_data = (train_tokens, val_tokens)
+        batches = (train_tokens for _ in itertools.count())  # closable, like HostBatches
+        batch_spec = train_tokens
+    else:
+        eval_data = [
+            data.host_batches(t, eval_key, batch_size, seq_len, tc.eval_batches)
+            for t in (train_np, val_np)
+        ]
+        batches = data.HostBatches(
+            train_np, data_key, step_batch, seq_len, start_step, parallel.batch_sharding(mesh)
+        )
+        batch_spec = (jax.ShapeDtypeStruct((step_batch, seq_len), jnp.int32),) * 2
     train_step = make_train_step(
-        model_def, opt_def, shardings, mesh, batch_size, seq_len, tc.grad_accum_steps
+        model_def, opt_def, shardings, mesh, batch_size, seq_len, tc.grad_accum_steps, on_device
     )
-    train_step = train_step.lower(model_state, opt_state, train_tokens, data_key).compile()
-    eval_step = make_eval_step(model_def, mesh, batch_size, seq_len, tc.eval_batches)
+    train_step = train_step.lower(model_state, opt_state, batch_spec, data_key).compile()
+    eval_step = make_eval_step(model_def, mesh, batch_size, seq_len, tc.eval_batches, on_device)
 
     def evaluate(state) -> tuple[float, float]:
         # The same batches at every evaluation, so successive losses compare.
-        losses = [eval_step(state, tokens, eval_key) for tokens in (train_tokens, val_tokens)]
+        losses = [eval_step(state, split, eval_key) for split in eval_data]
         return tuple(float(x) for x in jax.device_get(losses))
 
     train_seconds, timed_steps = 0.0, 0
@@ -362,11 +403,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         total=tc.num_steps, initial=step, unit="step", disable=not (is_main and sys.stderr.isatty())
     )
     # Leaving the block, also on an error, waits for background checkpoint saves to finish.
-    with progress, _StopSignals() as signals, manager, contextlib.closing(log):
+    with (
+        progress,
+        _StopSignals() as signals,
+        manager,
+        contextlib.closing(log),
+        contextlib.closing(batches),
+    ):
         tick = time.perf_counter()
         while step < tc.num_steps:
             model_state, opt_state, metrics = train_step(
-                model_state, opt_state, train_tokens, data_key
+                model_state, opt_state, next(batches), data_key
             )
             step += 1
             pending.append(metrics)
@@ -412,7 +459,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 checkpoints.save(manager, step, model_state, opt_state, val_loss)
                 log.write(
                     step, "eval", train_loss=train_loss, val_loss=val_loss,
-                    val_bpc=val_loss / math.log(2), tokens=step * tokens_per_step,
+                    val_bpc=bits_per_character(val_loss, chars_per_token),
+                    tokens=step * tokens_per_step,
                 )  # fmt: skip
                 if is_main:
                     plotting.plot_loss_curve(log.history, workdir / LOSS_CURVE_FILE, str(workdir))
@@ -446,7 +494,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "final_train_loss": train_loss,
         "final_val_loss": val_loss,
         "best_val_loss": best_val if math.isfinite(best_val) else None,
-        "best_val_bpc": best_val / math.log(2) if math.isfinite(best_val) else None,
+        "best_val_bpc": bits_per_character(best_val, chars_per_token)
+        if math.isfinite(best_val)
+        else None,
+        "tokenizer": tokenizer.kind,
+        "vocab_size": tokenizer.vocab_size,
+        "val_chars_per_token": chars_per_token,
         "train_tokens_per_sec": tokens_per_step * timed_steps / train_seconds
         if timed_steps
         else None,

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from charlm_jax import data
+from charlm_jax import data, token_cache
 from charlm_jax.errors import UserError
+from charlm_jax.tokenizers import BpeTokenizer, CharTokenizer
 
 
 def test_default_is_embedded_tiny_shakespeare():
@@ -32,9 +33,22 @@ def test_empty_file(tmp_path):
 
 
 def test_not_utf8(tmp_path):
-    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00abc")
-    with pytest.raises(UserError, match="not valid UTF-8"):
-        data.load_text(tiny_config(**{"data.path": str(tmp_path / "bin.txt")}).data)
+    (tmp_path / "bin.txt").write_bytes(b"abc\n\xff\xfe\x00abc")
+    config = tiny_config(**{"data.path": str(tmp_path / "bin.txt")}).data
+    with pytest.raises(UserError, match="not valid UTF-8 text: byte 0xff at offset 4; .*replace"):
+        data.load_text(config)
+    config.decode_errors = "replace"
+    assert data.load_text(config) == "abc\n\ufffd\ufffd\x00abc"
+
+
+def test_not_utf8_in_a_large_file_names_the_byte_offset(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CHUNK_BYTES", 5)
+    path = tmp_path / "big.txt"
+    path.write_bytes("é\nabc é\n".encode() * 3 + b"xy\xc3(")  # a bad sequence at 32
+    with pytest.raises(UserError, match="byte 0xc3 at offset 32"):
+        list(data.FileCorpus(path).chunks())
+    replaced = "".join(data.FileCorpus(path, errors="replace").chunks())
+    assert replaced == "é\nabc é\n" * 3 + "xy\ufffd("
 
 
 def test_split_by_position():
@@ -88,3 +102,90 @@ def test_download_failure_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cannot download .*no network"):
         data.download("http://example.invalid/x.txt", tmp_path / "x.txt")
     assert not (tmp_path / "x.txt").exists()
+
+
+def test_file_corpus_chunks_are_the_text_cut_after_newlines(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CHUNK_BYTES", 32)  # reads end inside multi-byte characters
+    text = "".join(f"l{i}: été 😀\n" for i in range(30)) + "no newline at the end"
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    chunks = list(data.FileCorpus(path).chunks())
+    assert "".join(chunks) == text and len(chunks) > 10
+    assert all(c.endswith("\n") for c in chunks[:-1])
+    head = "".join(data.FileCorpus(path).chunks(0.5))
+    assert text.startswith(head) and abs(len(head.encode()) - len(text.encode()) / 2) < 30
+
+
+def _large_corpus(tmp_path, text_file):
+    config = tiny_config(**{"data.path": str(text_file), "data.memmap_above_mb": 0.0}).data
+    corpus = data.open_corpus(config)
+    assert isinstance(corpus, data.FileCorpus)
+    return corpus
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_token_cache_equals_in_memory_tokens_and_is_reused(tmp_path, text_file, kind, monkeypatch):
+    monkeypatch.setattr(data, "CHUNK_BYTES", 4096)
+    text = text_file.read_text()
+    corpus = _large_corpus(tmp_path, text_file)
+    if kind == "char":
+        tokenizer = CharTokenizer.from_text(corpus.chunks())
+    else:
+        tokenizer = BpeTokenizer.train(corpus.chunks(0.9), vocab_size=200)
+    tokens = corpus.tokens(tokenizer)
+    assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint8
+    np.testing.assert_array_equal(tokens, tokenizer.encode(text))
+    (cache,) = tmp_path.glob("text.txt.*.tokens")
+
+    def fail(text):
+        raise AssertionError("re-tokenized")
+
+    monkeypatch.setattr(tokenizer, "encode", fail)
+    np.testing.assert_array_equal(corpus.tokens(tokenizer), tokens)  # read back, not rebuilt
+
+
+def test_token_cache_follows_the_text_and_the_tokenizer(tmp_path, text_file):
+    corpus = _large_corpus(tmp_path, text_file)
+    first = corpus.tokens(CharTokenizer.from_text(text_file.read_text()))
+    (old,) = tmp_path.glob("text.txt.*.tokens")
+    text_file.write_text(text_file.read_text()[::-1])
+    second = corpus.tokens(CharTokenizer.from_text(text_file.read_text()))
+    assert second.tolist() == first.tolist()[::-1]
+    (new,) = tmp_path.glob("text.txt.*.tokens")  # the old text's tokens are gone
+    third = corpus.tokens(CharTokenizer.from_text(text_file.read_text(), allow_unknown=True))
+    assert new != old and len(third) == len(second)
+    assert len(list(tmp_path.glob("text.txt.*.tokens"))) == 2  # one per tokenizer
+    assert token_cache.token_dtype(256) == np.uint8 and token_cache.token_dtype(257) == np.uint16
+
+
+def test_memory_mapped_batches_equal_in_memory_batches(tmp_path, text_file):
+    corpus = _large_corpus(tmp_path, text_file)
+    tokenizer = CharTokenizer.from_text(corpus.chunks())
+    mapped = corpus.tokens(tokenizer)
+    on_device = jax.numpy.asarray(tokenizer.encode(text_file.read_text()))
+    key = jax.random.key(3)
+    sample = jax.jit(data.sample_batch, static_argnums=(2, 3))
+    for step in (0, 1, 17):
+        batch_key, _ = data.step_keys(key, step)
+        host_x, host_y = data.host_batch(mapped, batch_key, 8, 32)
+        device_x, device_y = sample(on_device, batch_key, 8, 32)
+        assert host_x.dtype == np.int32
+        np.testing.assert_array_equal(host_x, device_x)
+        np.testing.assert_array_equal(host_y, device_y)
+    batches = data.HostBatches(mapped, key, 8, 32, start_step=5)
+    try:
+        for step in range(5, 9):  # prefetched in order, from each step's key
+            x, _ = next(batches)
+            expected, _ = data.host_batch(mapped, data.step_keys(key, step)[0], 8, 32)
+            np.testing.assert_array_equal(np.asarray(x), expected)
+    finally:
+        batches.close()
+
+
+def test_chars_per_token():
+    char = CharTokenizer.from_text("abc")
+    assert data.chars_per_token(char, char.encode("abcabc")) == 1.0
+    text = "ab ab ab abc abc\n" * 50
+    bpe = BpeTokenizer.train([text], vocab_size=8)
+    ids = bpe.encode(text)
+    assert data.chars_per_token(bpe, ids) == pytest.approx(len(text) / len(ids))

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT, tiny_config
 from test_cli import assert_one_line_error
@@ -107,3 +108,28 @@ def test_interactive_mode_streams_in_chunks(monkeypatch, capsys):
     generate.interactive(sampler, settings)
     assert [len(c) for c in chunks] == [16, 16, 8]  # printed as each chunk arrives
     assert "abc" + "".join(chunks) in capsys.readouterr().out
+
+
+def test_bpe_model_trains_and_samples(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("ROMEO: to be or not to be, café\nJULIET: that is the question\n" * 50)
+    config = tiny_config(
+        **{"data.path": str(text), "data.tokenizer": "bpe", "data.vocab_size": 60,
+           "train.num_steps": 20, "data.sequence_length": 16},
+    )  # fmt: skip
+    summary = train.train_and_evaluate(config, tmp_path / "run")
+    assert summary["tokenizer"] == "bpe" and summary["vocab_size"] == 60
+    ratio = summary["val_chars_per_token"]
+    assert ratio > 2  # nats per token over characters per token: bits per character
+    assert summary["best_val_bpc"] == pytest.approx(summary["best_val_loss"] / np.log(2) / ratio)
+    result = run_generate(
+        f"--workdir={tmp_path / 'run'}", "--prompt=JULIET: é", "--num_samples=2",
+        "--max_new_tokens=20", "--temperature=0.8",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    samples = result.stdout.split("-" * 40 + "\n")
+    assert len(samples) == 2 and all(s.startswith("JULIET: é") for s in samples)
+    assert all(len(s) > len("JULIET: é") + 20 for s in samples)  # 20 tokens of 1+ characters
+    assert_one_line_error(
+        run_generate(f"--workdir={tmp_path / 'run'}", "--prompt=Zed"), "error: unknown character"
+    )

@@ -125,3 +125,18 @@ def test_learning_rate_schedule():
     assert float(schedule(10)) == pytest.approx(config.learning_rate)
     assert float(schedule(100)) == pytest.approx(config.min_learning_rate)
     assert config.min_learning_rate < float(schedule(55)) < config.learning_rate
+
+
+def test_memory_mapped_corpus_trains_exactly_like_in_memory(tmp_path, text_file):
+    """Host-drawn, prefetched batches from the token cache are the on-device batches."""
+    overrides = {"data.path": str(text_file), "train.num_steps": 20, "train.eval_every": 10}
+    device = train.train_and_evaluate(tiny_config(**overrides), tmp_path / "device")
+    mapped = tiny_config(**overrides, **{"data.memmap_above_mb": 0.0})
+    host = train.train_and_evaluate(mapped, tmp_path / "host")
+    assert len(list(tmp_path.glob("text.txt.*.tokens"))) == 1
+    for a, b in zip(device["history"], host["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    # Bits per character: loss / ln 2 for the character tokenizer.
+    assert host["val_chars_per_token"] == 1.0 and host["tokenizer"] == "char"
+    assert host["history"][-1]["val_bpc"] == pytest.approx(host["final_val_loss"] / np.log(2))
