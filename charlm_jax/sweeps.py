@@ -10,6 +10,7 @@ checkpoints. DIR/results.csv and DIR/results.md hold one row per run, best first
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
@@ -20,7 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,7 +177,7 @@ class _Launcher:
         with self._lock:
             if self.stopping:
                 return "interrupted", "not started"
-            with (workdir / LOG_FILE).open("w") as log:
+            with (workdir / LOG_FILE).open("a") as log:  # kept across resumes
                 process = subprocess.Popen(
                     command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
                 )
@@ -197,6 +198,19 @@ class _Launcher:
             self.stopping = True
             for process in self._live:
                 process.send_signal(signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While active (in the main thread), SIGTERM stops the sweep as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_sweep(runs: Sequence[Run], workdir: str | Path, jobs: int = 1) -> list[dict]:
@@ -231,8 +245,9 @@ def run_sweep(runs: Sequence[Run], workdir: str | Path, jobs: int = 1) -> list[d
 
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))
     try:
-        for future in [pool.submit(train, run) for run in todo]:
-            future.result()
+        with _sigterm_interrupts():
+            for future in [pool.submit(train, run) for run in todo]:
+                future.result()
     except KeyboardInterrupt:
         logging.warning("interrupted: stopping the running runs (they save a checkpoint)")
         launcher.stop()

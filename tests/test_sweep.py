@@ -11,7 +11,7 @@ from charlm_jax import sweeps
 from charlm_jax.errors import UserError
 
 CONFIG = str(ROOT / "configs" / "transformer.py")
-SHORT = {"train.num_steps": 4, "train.eval_every": 2, "train.log_every": 2}
+SHORT = {"train.num_steps": 4, "train.eval_every": 4, "train.log_every": 4}
 TINY = {**TINY_MODEL["transformer"], **TINY_TRAIN, **SHORT}
 
 
@@ -60,48 +60,44 @@ def test_every_config_is_checked_before_any_run(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_sweep_grid_table_plots_and_skip(tmp_path):
+def test_sweep_grid_table_plots_failures_and_skip(tmp_path):
+    # 3 heads do not divide the width 32: those runs fail when building their model.
     runs = sweeps.expand_grid(
         CONFIG,
-        ["model.num_layers=1,2", "model.position=learned,rope"],
-        tiny_sets("model.num_layers"),
+        ["model.num_layers=1,2", "model.num_heads=4,3"],
+        tiny_sets("model.num_layers", "model.num_heads"),
     )
     rows = sweeps.run_sweep(runs, tmp_path, jobs=2)
-    assert len(rows) == 4 and all(row["status"] == "done" for row in rows), rows
-    losses = [row["best_val_loss"] for row in rows]
-    assert losses == sorted(losses)
-    assert {(row["model.num_layers"], row["model.position"]) for row in rows} == {
-        ("1", "learned"), ("1", "rope"), ("2", "learned"), ("2", "rope"),
-    }  # fmt: skip
-    assert all(row["steps"] == 4 and row["num_params"] > 0 for row in rows)
+    assert [(row["run"], row["status"]) for row in rows[2:]] == [
+        ("num_layers=1__num_heads=3", "failed"), ("num_layers=2__num_heads=3", "failed"),
+    ]  # fmt: skip
+    assert {row["error"] for row in rows[2:]} == {
+        "error: model.embedding_dim=32 is not divisible by num_heads=3"
+    }
+    done = rows[:2]
+    assert {row["run"] for row in done} == {
+        "num_layers=1__num_heads=4",
+        "num_layers=2__num_heads=4",
+    }
+    assert all(row["status"] == "done" and row["steps"] == 4 for row in done)
+    assert done[0]["best_val_loss"] <= done[1]["best_val_loss"]
+    assert {row["num_params"] for row in done} == {11392, 19648}  # 1 and 2 blocks
     with (tmp_path / sweeps.RESULTS_CSV).open() as f:
-        assert len(list(csv.DictReader(f))) == 4
+        assert [row["run"] for row in csv.DictReader(f)] == [row["run"] for row in rows]
     table = (tmp_path / sweeps.RESULTS_MD).read_text().splitlines()
     assert len(table) == 2 + 4 and "best_val_loss" in table[0]
+    assert "| num_layers=2__num_heads=3 | failed | 2 | 3 |" in table[-1]
     for png in (sweeps.CURVES_PNG, sweeps.LOSS_VS_PARAMS_PNG, sweeps.LOSS_VS_TIME_PNG):
         assert (tmp_path / png).stat().st_size > 0
 
+    # Again: the finished runs are skipped (their files untouched), the failed ones retried.
     summaries = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/summary.json")}
-    assert len(summaries) == 4
-    again = sweeps.run_sweep(runs, tmp_path, jobs=2)
-    assert [row["best_val_loss"] for row in again] == losses
+    assert len(summaries) == 2
+    assert sweeps.run_sweep(runs, tmp_path, jobs=2) == rows
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/summary.json")} == summaries
     # Training further (more steps) counts as unfinished: it resumes.
-    assert not sweeps.is_finished(
-        tmp_path / runs[0].name,
-        sweeps.load_config(sweeps.expand_grid(CONFIG, [], tiny_sets(**{"train.num_steps": 6}))[0]),
-    )
-
-
-def test_failed_run_is_recorded_and_the_others_go_on(tmp_path):
-    # 3 heads do not divide the width 32: that run fails when building its model.
-    runs = sweeps.expand_grid(CONFIG, ["model.num_heads=3,4"], tiny_sets("model.num_heads"))
-    rows = sweeps.run_sweep(runs, tmp_path, jobs=1)
-    assert [(row["run"], row["status"]) for row in rows] == [
-        ("num_heads=4", "done"), ("num_heads=3", "failed"),
-    ]  # fmt: skip
-    assert rows[1]["error"] == "error: model.embedding_dim=32 is not divisible by num_heads=3"
-    assert "num_heads=3 | failed" in (tmp_path / sweeps.RESULTS_MD).read_text()
+    more_steps = sweeps.expand_grid(CONFIG, [], tiny_sets(**{"train.num_steps": 6}))[0]
+    assert not sweeps.is_finished(tmp_path / done[0]["run"], sweeps.load_config(more_steps))
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
