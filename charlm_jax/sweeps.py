@@ -51,6 +51,14 @@ SUMMARY_COLUMNS = (
     "wall_time_s",
 )
 
+NUMBER_FORMATS = {
+    "num_params": "{:,}",
+    "best_val_loss": "{:.4f}",
+    "best_val_bpc": "{:.3f}",
+    "train_tokens_per_sec": "{:,.0f}",
+    "wall_time_s": "{:.0f}",
+}
+
 
 @dataclass(frozen=True)
 class Run:
@@ -67,7 +75,7 @@ class Run:
 
 
 def parse_assignment(text: str) -> tuple[str, list[str]]:
-    """ "model.num_layers=2,4,6" -> ("model.num_layers", ["2", "4", "6"])."""
+    """Splits "model.num_layers=2,4,6" into ("model.num_layers", ["2", "4", "6"])."""
     key, sep, values = text.partition("=")
     key = key.strip()
     parts = [v.strip() for v in values.split(",")]
@@ -275,16 +283,10 @@ def _rows(runs: Sequence[Run], workdir: Path, outcomes: dict[str, tuple[str, str
 
 
 def _format(key: str, value) -> str:
-    if value is None or value == "":
+    if value is None:
         return ""
-    if key == "num_params" or key == "train_tokens_per_sec":
-        return f"{value:,.0f}"
-    if key == "best_val_loss":
-        return f"{value:.4f}"
-    if key == "best_val_bpc":
-        return f"{value:.3f}"
-    if key == "wall_time_s":
-        return f"{value:.0f}"
+    if key in NUMBER_FORMATS:
+        return NUMBER_FORMATS[key].format(value)
     return str(value).replace("|", "\\|")
 
 

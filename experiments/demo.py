@@ -32,13 +32,12 @@ FLAGS = flags.FLAGS
 
 
 def loss_table(history: list[dict]) -> str:
-    """The evaluations as a small text table with a bar per validation loss."""
+    """The evaluations as a small text table."""
     lines = ["  step   train loss   val loss   bits/char"]
     for record in history:
-        bar = "#" * round(10 * record["val_loss"])
         lines.append(
             f"{record['step']:6d}   {record['train_loss']:10.4f}   {record['val_loss']:8.4f}"
-            f"   {record['val_loss'] / math.log(2):9.3f}  {bar}"
+            f"   {record['val_loss'] / math.log(2):9.3f}"
         )
     return "\n".join(lines)
 
