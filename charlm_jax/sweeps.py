@@ -233,7 +233,10 @@ def run_sweep(runs: Sequence[Run], workdir: str | Path, jobs: int = 1) -> list[d
     if len({run.name for run in runs}) < len(runs):
         raise UserError("two runs have the same name: give each swept key distinct values")
     configs = {run.name: load_config(run) for run in runs}  # every config before any run
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the sweep's workdir {workdir}: {e.strerror or e}") from None
     outcomes: dict[str, tuple[str, str]] = {}
     todo = []
     for run in runs:

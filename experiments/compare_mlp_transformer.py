@@ -15,9 +15,11 @@ DIR/results.md and the plots); then each model samples from the same prompt
 
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import ml_collections
 from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's charlm_jax
@@ -29,7 +31,9 @@ from charlm_jax.tokenizers import CharTokenizer  # noqa: E402
 
 flags.DEFINE_string("transformer", "configs/transformer.py:small", "The Transformer's config.")
 flags.DEFINE_string("mlp", "configs/mlp.py:small", "The MLP's config (its hidden_dim is matched).")
-flags.DEFINE_multi_string("set", [], "KEY=VALUE: an override for both models (repeatable).")
+flags.DEFINE_multi_string(
+    "set", [], "KEY=VALUE: an override for both models, e.g. train.* (repeatable)."
+)
 flags.DEFINE_float("seconds", 120, "Training time per model (0: the configs' num_steps).")
 flags.DEFINE_integer("calibration_steps", 100, "Steps of the speed measurement per model.")
 flags.DEFINE_string("workdir", "results/compare", "Directory of the comparison.")
@@ -41,7 +45,7 @@ PLAN_FILE = "plan.json"
 SAMPLES_FILE = "samples.md"
 
 
-def matched_hidden_dim(config, vocab_size: int, target: int) -> int:
+def matched_hidden_dim(config: ml_collections.ConfigDict, vocab_size: int, target: int) -> int:
     """The hidden_dim whose parameter count is closest to `target` (counts grow with it)."""
     config = config.copy_and_resolve_references()
 
@@ -58,8 +62,12 @@ def matched_hidden_dim(config, vocab_size: int, target: int) -> int:
     return min((low, high), key=lambda h: abs(count(h) - target))
 
 
-def steps_for(config, seconds: float, calibration_steps: int, workdir: Path) -> int:
-    """Training steps that take about `seconds`, from a short run's speed (in `workdir`)."""
+def steps_for(
+    config: ml_collections.ConfigDict, seconds: float, calibration_steps: int, workdir: Path
+) -> int:
+    """Training steps that take about `seconds`, from a short run's speed (in `workdir`,
+    emptied first: a leftover finished run would not be timed)."""
+    shutil.rmtree(workdir, ignore_errors=True)
     config = config.copy_and_resolve_references()
     config.train.num_steps = config.train.eval_every = calibration_steps
     config.train.eval_batches = 1
@@ -107,7 +115,7 @@ def timed(run: sweeps.Run, calibration_dir: Path) -> sweeps.Run:
     return dataclasses.replace(run, overrides={**run.overrides, **overrides})
 
 
-def vocab_size(config) -> int:
+def vocab_size(config: ml_collections.ConfigDict) -> int:
     return CharTokenizer.from_text(
         data.load_text(config.data), allow_unknown=config.data.allow_unknown
     ).vocab_size
