@@ -37,6 +37,7 @@ flags.DEFINE_multi_string(
 flags.DEFINE_float("seconds", 120, "Training time per model (0: the configs' num_steps).")
 flags.DEFINE_integer("calibration_steps", 100, "Steps of the speed measurement per model.")
 flags.DEFINE_string("workdir", "results/compare", "Directory of the comparison.")
+flags.DEFINE_integer("jobs", 1, "Runs trained at once (more than 1 skews their timings).")
 flags.DEFINE_string("prompt", "ROMEO:", "Prompt of the samples.")
 flags.DEFINE_integer("max_new_tokens", 300, "Characters per sample.")
 flags.DEFINE_float("temperature", 0.8, "Sampling temperature.")
@@ -142,7 +143,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.INFO)
     workdir = Path(FLAGS.workdir)
     try:
-        rows = sweeps.run_sweep(plan(workdir), workdir)
+        rows = sweeps.run_sweep(plan(workdir), workdir, FLAGS.jobs)
         text = samples(workdir, rows)
     except UserError as e:
         sys.exit(f"error: {e}")

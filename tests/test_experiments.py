@@ -41,6 +41,7 @@ def test_compare_matches_parameters_and_samples_each_model(tmp_path):
         "compare_mlp_transformer.py",
         f"--workdir={tmp_path}",
         "--seconds=0",
+        "--jobs=2",
         "--max_new_tokens=8",
         *(f"--set={k}={v}" for k, v in SHORT.items()),
     )
