@@ -32,6 +32,12 @@ def one_line(error: BaseException) -> str:
     return " ".join(lines)
 
 
+def flag_error_message(error: BaseException) -> str:
+    """One line for an error raised while parsing flags or a config file's overrides."""
+    prefix = "unknown config field " if isinstance(error, (AttributeError, KeyError)) else ""
+    return f"{prefix}{one_line(error)}"
+
+
 def flags_parser(check: Callable[[], object] | None = None) -> Callable[[list[str]], list[str]]:
     """A `flags_parser` for `absl.app.run`: a bad flag (or a failing `check()` after
     parsing) exits with one line naming the problem."""
@@ -42,8 +48,7 @@ def flags_parser(check: Callable[[], object] | None = None) -> Callable[[list[st
             if check is not None:
                 check()
         except Exception as e:  # absl and ml_collections raise many types
-            prefix = "unknown config field " if isinstance(e, (AttributeError, KeyError)) else ""
-            sys.exit(f"error: {prefix}{one_line(e)}")
+            sys.exit(f"error: {flag_error_message(e)}")
         return remaining
 
     return parse

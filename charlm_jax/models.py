@@ -420,3 +420,10 @@ def create_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.R
             **dtypes,
         )
     raise UserError(f"unknown model.name {m.name!r}: expected 'transformer' or 'mlp'")
+
+
+def count_params(config: ml_collections.ConfigDict, vocab_size: int) -> int:
+    """The configured model's parameter count (as training reports it), without building its
+    weights."""
+    model = nnx.eval_shape(lambda: create_model(config, vocab_size, nnx.Rngs(0)))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model)))

@@ -45,20 +45,40 @@ def plot_loss_curve(history: list[dict], path: str | Path, title: str = "") -> N
     plt.close(fig)
 
 
-def plot_runs(workdirs: list[str | Path], path: str | Path) -> None:
-    """Overlays the train and validation curves of several runs."""
+def plot_runs(workdirs: list[str | Path], path: str | Path, include_train: bool = True) -> None:
+    """Overlays the validation (and train) curves of several runs."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, workdir in enumerate(workdirs):
         history = read_history(workdir)
         color = f"C{i}"
         ax.plot(*_series(history, "eval", "val_loss"), "o-", color=color, markersize=3,
                 label=f"{Path(workdir).name} val")  # fmt: skip
-        ax.plot(*_series(history, "eval", "train_loss"), "--", color=color, alpha=0.6,
-                label=f"{Path(workdir).name} train")  # fmt: skip
+        if include_train:
+            ax.plot(*_series(history, "eval", "train_loss"), "--", color=color, alpha=0.6,
+                    label=f"{Path(workdir).name} train")  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per character)")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_tradeoff(
+    points: list[tuple[str, float, float]], xlabel: str, path: str | Path, log_x: bool = True
+) -> None:
+    """Best validation loss against a cost (parameters, wall time): one labelled point per
+    run, given as (label, cost, loss)."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (label, x, y) in enumerate(points):
+        ax.plot(x, y, "o", color=f"C{i}", markersize=8, label=label)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("best val loss (nats per character)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

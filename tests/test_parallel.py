@@ -191,3 +191,11 @@ def test_remat_gives_the_same_losses():
     np.testing.assert_allclose(
         run_steps(config)[0]["losses"], run_steps(tiny_config())[0]["losses"], atol=1e-5
     )
+
+
+def test_gpu_wheel_without_gpu_warns(monkeypatch):
+    warnings = []
+    monkeypatch.setattr(parallel.importlib.metadata, "version", lambda name: "0.10.2")
+    monkeypatch.setattr(parallel.logging, "warning", lambda msg, *args: warnings.append(msg))
+    parallel.warn_if_gpu_wheel_unused()
+    assert warnings == ["jax[cuda12] is installed but no GPU is visible: running on the CPU"]
