@@ -38,6 +38,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.quiet_library_logs()
     try:
+        parallel.one_cpu_device_per_core(FLAGS.config.train.batch_size)
         parallel.initialize_distributed(
             FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
             FLAGS.coordinator_timeout,

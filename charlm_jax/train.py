@@ -181,6 +181,23 @@ def make_train_step(
     )
 
 
+def build_training(
+    config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh, on_device: bool = True
+) -> tuple[Callable, nnx.GraphDef, nnx.State, nnx.State, optax.Schedule]:
+    """Everything `config` trains with: (the jitted train step, model_def, model_state,
+    opt_state, the learning-rate schedule), the states laid out on `mesh`."""
+    tc = config.train
+    tx, schedule = create_optimizer(tc)
+    model_def, opt_def, model_state, opt_state, shardings = init_train_state(
+        config, vocab_size, tx, mesh
+    )
+    step = make_train_step(
+        model_def, opt_def, shardings, mesh, tc.batch_size, config.data.sequence_length,
+        tc.grad_accum_steps, on_device,
+    )  # fmt: skip
+    return step, model_def, model_state, opt_state, schedule
+
+
 def make_eval_step(
     model_def: nnx.GraphDef,
     mesh: Mesh,
@@ -338,9 +355,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         tc.num_steps = max(1, math.ceil(tc.num_epochs * len(train_np) / tokens_per_step))
         logging.info("%g epochs of %d tokens: %d steps", tc.num_epochs, len(train_np), tc.num_steps)
 
-    tx, schedule = create_optimizer(tc)
-    model_def, opt_def, model_state, opt_state, shardings = init_train_state(
-        config, tokenizer.vocab_size, tx, mesh
+    train_step, model_def, model_state, opt_state, schedule = build_training(
+        config, tokenizer.vocab_size, mesh, on_device
     )
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(model_state))
     logging.info(
@@ -382,9 +398,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             train_np, data_key, step_batch, seq_len, start_step, parallel.batch_sharding(mesh)
         )
         batch_spec = (jax.ShapeDtypeStruct((step_batch, seq_len), jnp.int32),) * 2
-    train_step = make_train_step(
-        model_def, opt_def, shardings, mesh, batch_size, seq_len, tc.grad_accum_steps, on_device
-    )
     train_step = train_step.lower(model_state, opt_state, batch_spec, data_key).compile()
     eval_step = make_eval_step(model_def, mesh, batch_size, seq_len, tc.eval_batches, on_device)
 

@@ -57,12 +57,13 @@ def flops_per_token(config, num_params: int, embedding_params: int) -> float:
 
 
 def measured_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of the best of `repeats` jitted float32 n x n matmuls, summed over devices."""
+    """FLOP/s of the best of `repeats` jitted float32 n x n matmuls on one device, times the
+    number of processes (a process's CPU devices share its cores)."""
     a = jnp.ones((n, n), jnp.float32)
     dot = jax.jit(jnp.dot)
     dot(a, a).block_until_ready()
     best = min(_timed(lambda: dot(a, a).block_until_ready()) for _ in range(repeats))
-    return 2 * n**3 / best * jax.device_count()
+    return 2 * n**3 / best * jax.process_count()
 
 
 def device_peak(dtype: str) -> tuple[float, str]:
@@ -86,18 +87,13 @@ def train_speed(config) -> dict:
     mesh = parallel.make_mesh()
     tc = config.train
     parallel.check_batch_size(tc.batch_size, mesh)
-    tx, _ = train.create_optimizer(tc)
-    model_def, opt_def, model_state, opt_state, shardings = train.init_train_state(
-        config, tokenizer.vocab_size, tx, mesh
+    step, model_def, model_state, opt_state, _ = train.build_training(
+        config, tokenizer.vocab_size, mesh
     )
     tokens = parallel.put_replicated(
         tokenizer.encode(embedded_tiny_shakespeare().read_text(encoding="utf-8")), mesh
     )
     key = jax.random.key(0)
-    step = train.make_train_step(
-        model_def, opt_def, shardings, mesh, tc.batch_size, config.data.sequence_length,
-        tc.grad_accum_steps,
-    )  # fmt: skip
     start = time.perf_counter()
     step = step.lower(model_state, opt_state, tokens, key).compile()
     compile_s = time.perf_counter() - start
@@ -148,6 +144,7 @@ def main(argv: list[str]) -> None:
     del argv
     cli.quiet_library_logs()
     config = FLAGS.config
+    parallel.one_cpu_device_per_core(config.train.batch_size)  # as training does
     result = train_speed(config)
     peak, peak_source = device_peak(config.model.dtype)
     model_flops = result["flops_per_token"] * result["tokens_per_s"]

@@ -31,14 +31,7 @@ def run_steps(config, num_steps: int = 4) -> tuple[dict, list[np.ndarray]]:
     per-device program, "specs" of the parameters}, the final parameters)."""
     tokenizer = CharTokenizer.from_text(TEXT)
     mesh = parallel.make_mesh()
-    tx, _ = train.create_optimizer(config.train)
-    model_def, opt_def, model_state, opt_state, shardings = train.init_train_state(
-        config, tokenizer.vocab_size, tx, mesh
-    )
-    step = train.make_train_step(
-        model_def, opt_def, shardings, mesh, config.train.batch_size,
-        config.data.sequence_length, config.train.grad_accum_steps,
-    )  # fmt: skip
+    step, _, model_state, opt_state, _ = train.build_training(config, tokenizer.vocab_size, mesh)
     tokens = parallel.put_replicated(tokenizer.encode(TEXT), mesh)
     key = jax.random.key(0)
     compiled = step.lower(model_state, opt_state, tokens, key).compile()
