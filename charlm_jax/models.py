@@ -100,11 +100,11 @@ class MLP(nnx.Module):
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
-    """Rotary position embedding of x (batch, heads, time, head_dim) at positions (batch, time)."""
+    """Rotary position embedding of x (batch, time, heads, head_dim) at positions (batch, time)."""
     half = x.shape[-1] // 2
     freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[:, None, :, None] * freqs  # (batch, 1, time, half)
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    angles = positions.astype(jnp.float32)[..., None] * freqs  # (batch, time, half)
+    cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
@@ -130,15 +130,8 @@ def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
     return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
-def gelu(x: jax.Array) -> jax.Array:
-    """GELU, tanh approximation (GPT-2's), written as x * sigmoid(2z): the same function as
-    `jax.nn.gelu(x, approximate=True)`, 0.5 x (1 + tanh z), but XLA:CPU runs it faster."""
-    z = math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)
-    return x * jax.nn.sigmoid(2 * z)
-
-
 class KVCache(NamedTuple):
-    """One attention layer's keys and values, each (batch, heads, slots, head_dim)."""
+    """One attention layer's keys and values, each (batch, slots, heads, head_dim)."""
 
     k: jax.Array
     v: jax.Array
@@ -186,20 +179,18 @@ class CausalSelfAttention(nnx.Module):
         batch, time, dim = x.shape
         head_dim = dim // self.num_heads
         qkv = dense(self.qkv, x).reshape(batch, time, 3, self.num_heads, head_dim)
-        # One transpose to (batch, heads, time, head_dim): per-head matrices for the einsums
-        # below. Slicing q, k, v out of (batch, time, 3, ...) instead costs a copy each.
-        q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (batch, time, heads, head_dim)
         if self.use_rope:
             q, k = rope(q, positions), rope(k, positions)
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, 2)
-            v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, 2)
+            k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, 1)
             cache = KVCache(k, v)
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
         scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         weights = self.dropout(weights, deterministic=not train, rngs=rngs)
-        y = jnp.einsum("bhqk,bhkd->bqhd", weights, v).reshape(batch, time, dim)
+        y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, time, dim)
         return self.dropout(dense(self.out, y), deterministic=not train, rngs=rngs), cache
 
 
@@ -224,7 +215,7 @@ class FeedForward(nnx.Module):
         self.dropout = nnx.Dropout(dropout_rate)
 
     def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
-        y = dense(self.down, gelu(dense(self.up, x)))
+        y = dense(self.down, jax.nn.gelu(dense(self.up, x), approximate=True))
         return self.dropout(y, deterministic=not train, rngs=rngs)
 
 
@@ -348,7 +339,7 @@ class Transformer(nnx.Module):
         """An empty KV cache of `length` slots per layer (length <= max_length)."""
         dim = self.embed.features
         heads = self.blocks[0].attn.num_heads
-        shape = (batch, heads, length, dim // heads)
+        shape = (batch, length, heads, dim // heads)
         return [KVCache(jnp.zeros(shape), jnp.zeros(shape)) for _ in self.blocks]
 
     def forward_cached(

@@ -6,7 +6,7 @@ from conftest import tiny_config
 from flax import nnx
 
 from charlm_jax.errors import UserError
-from charlm_jax.models import MLP, Transformer, create_model, gelu
+from charlm_jax.models import MLP, Transformer, create_model
 
 VOCAB = 11
 
@@ -72,13 +72,3 @@ def test_bad_architecture_fields():
         build("transformer", **{"model.num_heads": 5})
     with pytest.raises(UserError, match="model.position"):
         build("transformer", **{"model.position": "sinusoid"})
-
-
-def test_gelu_is_the_tanh_approximation():
-    x = jnp.linspace(-8, 8, 10_001)
-    np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=True), atol=2e-6)
-    np.testing.assert_allclose(
-        jax.vmap(jax.grad(gelu))(x),
-        jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=True)))(x),
-        atol=2e-5,
-    )
