@@ -192,3 +192,10 @@ def test_gpu_wheel_without_gpu_warns(monkeypatch):
     monkeypatch.setattr(parallel.logging, "warning", lambda msg, *args: warnings.append(msg))
     parallel.warn_if_gpu_wheel_unused()
     assert warnings == ["jax[cuda12] is installed but no GPU is visible: running on the CPU"]
+
+
+def test_dropout_is_reproducible_and_applied():
+    config = tiny_config(**{"model.dropout_rate": 0.2})
+    first, second = run_steps(config, num_steps=3)[0], run_steps(config, num_steps=3)[0]
+    assert first["losses"] == second["losses"]
+    assert first["losses"] != run_steps(tiny_config(), num_steps=3)[0]["losses"]
