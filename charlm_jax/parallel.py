@@ -89,10 +89,9 @@ def one_cpu_device_per_core(batch_size: int) -> int:
     XLA_FLAGS already sets a device count; returns the count. Call before JAX starts its
     backends. It only matters where the CPU is the accelerator.
 
-    XLA:CPU parallelises within each op poorly for these models' small matmuls; with a device
-    per core, the data-parallel halves of a step run side by side. On 2 cores: nanogpt_baby
-    44 -> 31-34 ms/step, small 49-52k -> 85-99k tokens/s, nanogpt 11.9 -> 11.1 s/step
-    (docs/performance.md).
+    XLA:CPU's threads inside single ops leave cores idle on these models' small matmuls;
+    with a device per core, the data-parallel halves of a step run side by side. On 2 cores
+    (docs/performance.md): nanogpt_baby 44 -> 31-34 ms/step, nanogpt 11.9 -> 11.1 s/step.
     """
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return 0

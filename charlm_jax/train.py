@@ -93,8 +93,9 @@ def init_train_state(
         model = models.create_model(config, vocab_size, nnx.Rngs(config.train.seed))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-    model_def, abstract_model_state = nnx.split(nnx.eval_shape(lambda: init()[0]))
-    opt_def, abstract_opt_state = nnx.split(nnx.eval_shape(lambda: init()[1]))
+    abstract_model, abstract_opt = nnx.eval_shape(init)
+    model_def, abstract_model_state = nnx.split(abstract_model)
+    opt_def, abstract_opt_state = nnx.split(abstract_opt)
     shardings = parallel.state_shardings(
         (abstract_model_state, abstract_opt_state), mesh, config.train.fsdp
     )

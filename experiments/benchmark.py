@@ -83,16 +83,15 @@ def _timed(fn) -> float:
 
 
 def train_speed(config) -> dict:
-    tokenizer = CharTokenizer.from_text(embedded_tiny_shakespeare().read_text(encoding="utf-8"))
+    text = embedded_tiny_shakespeare().read_text(encoding="utf-8")
+    tokenizer = CharTokenizer.from_text(text)
     mesh = parallel.make_mesh()
     tc = config.train
     parallel.check_batch_size(tc.batch_size, mesh)
     step, model_def, model_state, opt_state, _ = train.build_training(
         config, tokenizer.vocab_size, mesh
     )
-    tokens = parallel.put_replicated(
-        tokenizer.encode(embedded_tiny_shakespeare().read_text(encoding="utf-8")), mesh
-    )
+    tokens = parallel.put_replicated(tokenizer.encode(text), mesh)
     key = jax.random.key(0)
     start = time.perf_counter()
     step = step.lower(model_state, opt_state, tokens, key).compile()
