@@ -6,7 +6,7 @@ from conftest import tiny_config
 from flax import nnx
 
 from charlm_jax.errors import UserError
-from charlm_jax.models import MLP, Transformer, create_model
+from charlm_jax.models import MLP, Dropout, Transformer, create_model
 
 VOCAB = 11
 
@@ -72,3 +72,20 @@ def test_bad_architecture_fields():
         build("transformer", **{"model.num_heads": 5})
     with pytest.raises(UserError, match="model.position"):
         build("transformer", **{"model.position": "sinusoid"})
+
+
+def test_dropout_masks():
+    x = jnp.ones((64, 6, 32, 32))
+    dropout = Dropout(0.2)
+    y = dropout(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
+    kept = np.asarray(y) != 0
+    assert abs(kept.mean() - 0.8) < 0.01
+    np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.8)  # kept values are rescaled
+    again = dropout(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
+    other = dropout(x, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    np.testing.assert_array_equal(y, again)
+    agree = ((np.asarray(other) != 0) == kept).mean()
+    assert abs(agree - (0.8**2 + 0.2**2)) < 0.01  # another key: an independent mask
+    assert dropout(x, deterministic=True) is x
+    with pytest.raises(ValueError, match="dropout"):
+        dropout(x, deterministic=False)

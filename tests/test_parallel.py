@@ -57,6 +57,7 @@ print(json.dumps({{
     "devices": jax.device_count(),
     "plain": run_steps(tiny_config())[0],
     "fsdp": run_steps(tiny_config(**{{"train.fsdp": True}}))[0],
+    "dropout": run_steps(tiny_config(**{{"model.dropout_rate": 0.2}}))[0],
 }}))
 """
 
@@ -81,6 +82,9 @@ def test_four_devices_match_one_and_split_the_batch():
     one, _ = run_steps(tiny_config())
     for run in (four["plain"], four["fsdp"]):
         np.testing.assert_allclose(run["losses"], one["losses"], atol=1e-5)
+    # Dropout masks do not depend on how the batch is split.
+    one_dropout, _ = run_steps(tiny_config(**{"model.dropout_rate": 0.2}))
+    np.testing.assert_allclose(four["dropout"]["losses"], one_dropout["losses"], atol=1e-5)
     # Each device computes about a quarter of the one-device step: the batch is split.
     assert four["plain"]["flops"] < 0.3 * one["flops"]
     assert not any("'data'" in spec for spec in four["plain"]["specs"])  # replicated
