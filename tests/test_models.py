@@ -5,6 +5,7 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
+from charlm_jax import models
 from charlm_jax.errors import UserError
 from charlm_jax.models import MLP, Dropout, Transformer, create_model
 
@@ -42,6 +43,15 @@ def test_causal(name, overrides):
         out = np.asarray(model(changed))
         np.testing.assert_array_equal(out[:, :j], base[:, :j])
         assert np.abs(out[:, j] - base[:, j]).max() > 1e-6
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_attention_in_query_blocks_equals_one_block(monkeypatch, position):
+    model = build("transformer", **{"model.position": position})
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, VOCAB)
+    whole = model(tokens)
+    monkeypatch.setattr(models, "QUERY_BLOCK", 12)  # blocks of 12, 12 and 8 queries
+    np.testing.assert_allclose(model(tokens), whole, atol=1e-5)
 
 
 def test_factory_builds_configured_classes():
