@@ -178,7 +178,7 @@ def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
 
 
 class KVCache(NamedTuple):
-    """One attention layer's keys and values, each (batch, slots, heads, head_dim)."""
+    """One attention layer's keys and values, each (batch, heads, slots, head_dim)."""
 
     k: jax.Array
     v: jax.Array
@@ -229,34 +229,69 @@ class CausalSelfAttention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (batch, time, heads, head_dim)
         if self.use_rope:
             q, k = rope(q, positions), rope(k, positions)
-        if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, 1)
-            cache = KVCache(k, v)
+        # Heads first, (batch, heads, time, head_dim): the layout XLA's batched matmuls read
+        # without copying, which matters most for the cache (decoding copied it every step).
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
         attend = functools.partial(self._attend, train=train, rngs=rngs)
-        if cache is None and time > QUERY_BLOCK:
-            # Causal: the queries in [start, end) see keys before end only. Skipping the rest saves
-            # a quarter of the attention work at time 256 (docs/performance.md).
+        if cache is not None:
+            # The queries see the cache as it was (less the slots being written) and the new
+            # keys; the written cache is then only the next call's input, which XLA updates in
+            # place. (Attending to the written cache made XLA copy each layer's cache at every
+            # decoding step.)
+            slots = jnp.arange(cache.k.shape[2])
+            stale = (slots >= slot) & (slots < slot + time)
+            y = attend(
+                q,
+                [cache.k, k],
+                [cache.v, v],
+                [mask & ~stale, jax.lax.dynamic_slice_in_dim(mask, slot, time, axis=2)],
+            )
+            write = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=slot, axis=2)
+            cache = KVCache(
+                write(cache.k, k.astype(cache.k.dtype)), write(cache.v, v.astype(cache.v.dtype))
+            )
+        elif time > QUERY_BLOCK:
+            # Causal: the queries in [start, end) see keys before end only. Skipping the rest
+            # saves a quarter of the attention work at time 256 (docs/performance.md).
             blocks = []
             for start in range(0, time, QUERY_BLOCK):
                 end = min(start + QUERY_BLOCK, time)
                 blocks.append(
-                    attend(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end])
+                    attend(
+                        q[:, :, start:end],
+                        [k[:, :, :end]],
+                        [v[:, :, :end]],
+                        [mask[:, start:end, :end]],
+                    )
                 )
-            y = jnp.concatenate(blocks, axis=1)
+            y = jnp.concatenate(blocks, axis=2)
         else:
-            y = attend(q, k, v, mask)
-        y = y.reshape(batch, time, dim)
+            y = attend(q, [k], [v], [mask])
+        y = y.transpose(0, 2, 1, 3).reshape(batch, time, dim)
         return self.dropout(dense(self.out, y), deterministic=not train, rngs=rngs), cache
 
-    def _attend(self, q, k, v, mask, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
-        """Softmax attention of q (batch, queries, heads, head_dim) over k and v (batch, keys,
-        heads, head_dim) where mask (batch, queries, keys) allows."""
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
-        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        weights = self.dropout(weights, deterministic=not train, rngs=rngs)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    def _attend(self, q, keys, values, masks, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+        """Softmax attention of q (batch, heads, queries, head_dim) over groups of keys and
+        values (batch, heads, keys, head_dim), each where its mask (batch, queries, keys)
+        allows, with one softmax over all groups."""
+        scores = jnp.concatenate(
+            [
+                jnp.where(
+                    m[:, None],
+                    jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32),
+                    jnp.finfo(jnp.float32).min,
+                )
+                for k, m in zip(keys, masks, strict=True)
+            ],
+            axis=-1,
+        )
+        weights = jax.nn.softmax(scores / math.sqrt(q.shape[-1]), axis=-1)
+        weights = self.dropout(weights.astype(q.dtype), deterministic=not train, rngs=rngs)
+        y, start = 0, 0
+        for v in values:
+            y += jnp.einsum("bhqk,bhkd->bhqd", weights[..., start : start + v.shape[2]], v)
+            start += v.shape[2]
+        return y
 
 
 class FeedForward(nnx.Module):
@@ -404,7 +439,7 @@ class Transformer(nnx.Module):
         """An empty KV cache of `length` slots per layer (length <= max_length)."""
         dim = self.embed.features
         heads = self.blocks[0].attn.num_heads
-        shape = (batch, length, heads, dim // heads)
+        shape = (batch, heads, length, dim // heads)
         return [KVCache(jnp.zeros(shape), jnp.zeros(shape)) for _ in self.blocks]
 
     def forward_cached(

@@ -33,6 +33,10 @@ from charlm_jax.tokenizers import Tokenizer
 
 STREAM_CHUNK = 16  # tokens per jitted call when streaming
 MIN_OUTPUT_BUCKET = 64  # output buffers are sized to powers of two from here
+# XLA options of the decode loops. Region analysis lets XLA:CPU update the KV cache in place
+# at each step; without it every layer's cache was copied twice per token (nanogpt at batch
+# 1: 374 -> 508 tokens/s on a 2-core CPU, docs/performance.md).
+DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
 class DecodeState(NamedTuple):
@@ -224,8 +228,15 @@ class Sampler:
 
         self._token_log_probs = jax.jit(token_log_probs)
         self._start = jax.jit(start)
-        self._decode = jax.jit(decode, static_argnames="out_len", donate_argnums=1)
-        self._beam = jax.jit(beam, static_argnames="out_len")
+        self._decode = jax.jit(
+            decode,
+            static_argnames="out_len",
+            donate_argnums=1,
+            compiler_options=DECODE_COMPILER_OPTIONS,
+        )
+        self._beam = jax.jit(
+            beam, static_argnames="out_len", compiler_options=DECODE_COMPILER_OPTIONS
+        )
 
     @classmethod
     def from_workdir(cls, workdir: str | Path, checkpoint: str | int = "best") -> Sampler:
