@@ -230,7 +230,7 @@ class CausalSelfAttention(nnx.Module):
         if self.use_rope:
             q, k = rope(q, positions), rope(k, positions)
         # Heads first, (batch, heads, time, head_dim): the layout XLA's batched matmuls read
-        # without copying, which matters most for the cache (decoding copied it every step).
+        # without a transpose, which matters most for the cache, read at every decoding step.
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
         attend = functools.partial(self._attend, train=train, rngs=rngs)
         if cache is not None:

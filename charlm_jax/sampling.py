@@ -34,8 +34,9 @@ from charlm_jax.tokenizers import Tokenizer
 STREAM_CHUNK = 16  # tokens per jitted call when streaming
 MIN_OUTPUT_BUCKET = 64  # output buffers are sized to powers of two from here
 # XLA options of the decode loops. Region analysis lets XLA:CPU update the KV cache in place
-# at each step; without it every layer's cache was copied twice per token (nanogpt at batch
-# 1: 374 -> 508 tokens/s on a 2-core CPU, docs/performance.md).
+# at each step; without it every layer's cache was copied before each update (with the
+# attention change in models.py, nanogpt at batch 1: 348-372 -> 411-508 tokens/s on a
+# 2-core CPU, docs/performance.md).
 DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
