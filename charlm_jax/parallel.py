@@ -102,13 +102,16 @@ def one_cpu_device_per_core(batch_size: int) -> int:
 
 
 def warn_if_gpu_wheel_unused() -> None:
-    """The `cuda12` extra installed but no GPU visible: say so (JAX falls back to the CPU)."""
-    try:
-        importlib.metadata.version("jax-cuda12-plugin")
-    except importlib.metadata.PackageNotFoundError:
+    """A `cuda12`/`cuda13` extra installed but no GPU visible: say so (JAX falls back to the
+    CPU)."""
+    for cuda in ("cuda12", "cuda13"):
+        try:
+            importlib.metadata.version(f"jax-{cuda}-plugin")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if jax.default_backend() == "cpu":
+            logging.warning("jax[%s] is installed but no GPU is visible: running on the CPU", cuda)
         return
-    if jax.default_backend() == "cpu":
-        logging.warning("jax[cuda12] is installed but no GPU is visible: running on the CPU")
 
 
 def is_main_process() -> bool:
