@@ -75,8 +75,10 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
     keep_k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     descending = jnp.where(jnp.arange(vocab) < keep_k, descending, -jnp.inf)
     probs = jax.nn.softmax(descending)
-    keep_p = jnp.sum(jnp.cumsum(probs) - probs < top_p)  # >= 1: the top token always stays
-    threshold = descending[keep_p - 1]
+    within_p = jnp.sum(jnp.cumsum(probs) - probs < top_p)  # >= 1: the top token always stays
+    # The float32 cumsum can end just under 1, which would count the tokens top-k removed.
+    keep = jnp.where(top_p < 1, jnp.minimum(within_p, keep_k), keep_k)
+    threshold = descending[keep - 1]
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 

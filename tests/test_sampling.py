@@ -135,6 +135,10 @@ def test_filter_logits():
     assert kept(0, 0.01).tolist() == [False, True, False, False, False]
     # softmax = [.086, .636, .234, .032, .012]: 0.8 needs the top two.
     assert kept(0, 0.8).tolist() == [False, True, True, False, False]
+    # The top 3's probabilities sum to 0.99999994 in float32: top_p=1 must not undo top-k.
+    logits = jnp.array([-0.6278456, 2.9160414, 3.9205167, 3.6032698, 2.6302075])
+    assert kept(3, 1.0).tolist() == [False, True, True, True, False]
+    assert kept(3, 0.999).sum() == 3
 
 
 def test_sampling_follows_the_distribution():
