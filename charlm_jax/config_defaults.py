@@ -54,6 +54,7 @@ def base_config(model: Mapping[str, Any]) -> ml_collections.ConfigDict:
     config.train.grad_clip_norm = 1.0
     config.train.grad_accum_steps = 1  # micro-batches of batch_size per optimizer update
     config.train.fsdp = False  # also shard parameters and optimizer state over the devices
+    config.train.deterministic = True  # bitwise-reproducible GPU steps (exact resume); slower
     config.train.eval_every = 250  # steps; each evaluation also writes a checkpoint
     config.train.eval_batches = 20
     config.train.log_every = 50

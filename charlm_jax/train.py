@@ -114,6 +114,7 @@ def make_train_step(
     sequence_length: int,
     grad_accum_steps: int = 1,
     on_device: bool = True,
+    deterministic: bool = True,
 ) -> Callable:
     """(model_state, opt_state, batch_data, key) -> (model_state, opt_state, metrics), jitted.
 
@@ -122,7 +123,10 @@ def make_train_step(
     `shardings` are the (model_state, opt_state) shardings; each batch is split over the
     mesh's data axis. With `grad_accum_steps` k > 1, a step takes k * batch_size windows
     (the same ones a k-times larger batch would), averages their gradients over k
-    micro-batches, and makes one update.
+    micro-batches, and makes one update. `deterministic`: bitwise-reproducible steps on GPUs
+    (XLA:GPU otherwise adds some gradients up with atomics, in an order that varies from run
+    to run), which exact resume needs; the nanogpt step on an H200 costs 13.4 -> 18.0 ms.
+    No effect on CPUs.
     """
 
     def loss_and_grads(model_state, inputs, targets, dropout_key):
@@ -179,6 +183,7 @@ def make_train_step(
         in_shardings=(model_sh, opt_sh, batch_sh, replicated),
         out_shardings=(model_sh, opt_sh, replicated),
         donate_argnums=(0, 1),
+        compiler_options={"xla_gpu_deterministic_ops": deterministic},
     )
 
 
@@ -194,7 +199,7 @@ def build_training(
     )
     step = make_train_step(
         model_def, opt_def, shardings, mesh, tc.batch_size, config.data.sequence_length,
-        tc.grad_accum_steps, on_device,
+        tc.grad_accum_steps, on_device, tc.deterministic,
     )  # fmt: skip
     return step, model_def, model_state, opt_state, schedule
 
