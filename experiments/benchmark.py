@@ -8,7 +8,7 @@ Train step: the jitted step of `charlm_jax.train` (batch drawn on the device, do
 compile excluded, timed step by step after warm-up: median, min and max. Model FLOPs per token
 are nanoGPT's `estimate_mfu` count: 6 x non-embedding parameters + 12 x layers x width x
 context (attention), 6 x parameters for the MLP. MFU divides the achieved model FLOP/s by a
-peak: on CPU a float32 matmul peak measured in this run (2048^3 `jnp.dot`), on GPU the
+peak: on CPU a matmul peak measured in this run (2048^3 `jnp.dot` in the compute dtype), on GPU the
 device's nominal dense peak for the compute dtype. Decode: tokens/s of `Sampler.generate`
 from a 1-character prompt, batch 1 and 16. Weights are random: speed does not depend on them.
 """
@@ -56,10 +56,10 @@ def flops_per_token(config, num_params: int, embedding_params: int) -> float:
     return 6 * num_params
 
 
-def measured_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of the best of `repeats` jitted float32 n x n matmuls on one device, times the
+def measured_matmul_peak(dtype: str, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of the best of `repeats` jitted n x n matmuls in `dtype` on one device, times the
     number of processes (a process's CPU devices share its cores)."""
-    a = jnp.ones((n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     dot = jax.jit(jnp.dot)
     dot(a, a).block_until_ready()
     best = min(_timed(lambda: dot(a, a).block_until_ready()) for _ in range(repeats))
@@ -73,7 +73,7 @@ def device_peak(dtype: str) -> tuple[float, str]:
         for name, peaks in GPU_PEAKS.items():
             if name in device.device_kind:
                 return peaks[dtype] * jax.device_count(), f"nominal {name} {dtype}"
-    return measured_matmul_peak(), "measured float32 2048^3 matmul"
+    return measured_matmul_peak(dtype), f"measured {dtype} 2048^3 matmul"
 
 
 def _timed(fn) -> float:
