@@ -190,12 +190,18 @@ def test_remat_gives_the_same_losses():
     )
 
 
-def test_gpu_wheel_without_gpu_warns(monkeypatch):
+@pytest.mark.parametrize("cuda", ["cuda12", "cuda13"])
+def test_gpu_wheel_without_gpu_warns(monkeypatch, cuda):
+    def version(name):
+        if name != f"jax-{cuda}-plugin":
+            raise parallel.importlib.metadata.PackageNotFoundError(name)
+        return "0.10.2"
+
     warnings = []
-    monkeypatch.setattr(parallel.importlib.metadata, "version", lambda name: "0.10.2")
-    monkeypatch.setattr(parallel.logging, "warning", lambda msg, *args: warnings.append(msg))
+    monkeypatch.setattr(parallel.importlib.metadata, "version", version)
+    monkeypatch.setattr(parallel.logging, "warning", lambda msg, *a: warnings.append(msg % a))
     parallel.warn_if_gpu_wheel_unused()
-    assert warnings == ["jax[cuda12] is installed but no GPU is visible: running on the CPU"]
+    assert warnings == [f"jax[{cuda}] is installed but no GPU is visible: running on the CPU"]
 
 
 def test_dropout_is_reproducible_and_applied():
