@@ -101,17 +101,24 @@ def one_cpu_device_per_core(batch_size: int) -> int:
     return count
 
 
-def warn_if_gpu_wheel_unused() -> None:
-    """A `cuda12`/`cuda13` extra installed but no GPU visible: say so (JAX falls back to the
-    CPU)."""
+def installed_cuda_extra() -> str | None:
+    """The extra, "cuda12" or "cuda13", whose JAX CUDA plugin is installed, else None (without
+    starting JAX's backends)."""
     for cuda in ("cuda12", "cuda13"):
         try:
             importlib.metadata.version(f"jax-{cuda}-plugin")
         except importlib.metadata.PackageNotFoundError:
             continue
-        if jax.default_backend() == "cpu":
-            logging.warning("jax[%s] is installed but no GPU is visible: running on the CPU", cuda)
-        return
+        return cuda
+    return None
+
+
+def warn_if_gpu_wheel_unused() -> None:
+    """A `cuda12`/`cuda13` extra installed but no GPU visible: say so (JAX falls back to the
+    CPU)."""
+    cuda = installed_cuda_extra()
+    if cuda and jax.default_backend() == "cpu":
+        logging.warning("jax[%s] is installed but no GPU is visible: running on the CPU", cuda)
 
 
 def is_main_process() -> bool:

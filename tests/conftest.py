@@ -9,12 +9,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the `configs` folder is imported as a package in tests
 
+from charlm_jax import parallel  # noqa: E402
 from charlm_jax.data import embedded_tiny_shakespeare  # noqa: E402
 from configs import mlp, transformer  # noqa: E402
 
 # GPUs run float32 matmuls as TF32 by default; the tests that compare two computations of the
-# same logits (cached vs full, blocked vs whole attention) mean float32. No effect on CPU.
-jax.config.update("jax_default_matmul_precision", "highest")
+# same logits (cached vs full, blocked vs whole attention) mean float32. (Not set on CPUs,
+# where it only makes XLA pick slower matmul paths.)
+if parallel.installed_cuda_extra():
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 TINY_MODEL = {
     "transformer": {
