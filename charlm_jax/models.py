@@ -40,21 +40,26 @@ def _mix(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def hashed_uniform_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Pseudo-random uint32 bits of `shape`: each element's flat index hashed with a 64-bit
-    seed drawn from `key`.
+def hashed_bits(seed: jax.Array, shape: tuple[int, ...], offset: jax.Array | int = 0) -> jax.Array:
+    """Pseudo-random uint32 bits of `shape`: each element's flat index, plus `offset`, hashed
+    with a 64-bit `seed` (two uint32).
 
     Elementwise integer work that XLA fuses into the consumer and splits across devices like
-    any other elementwise op, where `jax.random.bernoulli`'s threefry costs about 10% of a
-    `nanogpt` train step on a CPU (docs/performance.md). Good enough for dropout masks, not
-    for cryptography; the same key gives the same bits on any device layout.
+    any other elementwise op, where threefry (`jax.random`) is a chain of separate ops: it
+    cost about 10% of a `nanogpt` train step on a CPU as dropout masks (docs/performance.md).
+    Good enough for dropout masks and sampling noise, not for cryptography; the same seed
+    gives the same bits on any device layout.
     """
-    seed = jax.random.bits(key, (2,), jnp.uint32)
-    index = jnp.zeros(shape, jnp.uint32)
+    index = jnp.full(shape, offset, jnp.uint32)
     for axis in range(len(shape)):
         stride = jnp.uint32(math.prod(shape[axis + 1 :]) % 2**32)
         index += jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * stride
     return _mix(_mix(index ^ seed[0]) ^ seed[1])
+
+
+def hashed_uniform_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """`hashed_bits` of `shape` with a seed drawn from `key`."""
+    return hashed_bits(jax.random.bits(key, (2,), jnp.uint32), shape)
 
 
 class Dropout(nnx.Module):

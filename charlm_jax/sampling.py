@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from charlm_jax import checkpoints
+from charlm_jax import checkpoints, models
 from charlm_jax.tokenizers import Tokenizer
 
 STREAM_CHUNK = 16  # tokens per jitted call when streaming
@@ -82,8 +82,25 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def choose_token(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
-    """One row's next token from its logits (vocab,)."""
+def gumbel_noise(seed: jax.Array, step: jax.Array, size: int) -> jax.Array:
+    """Standard Gumbel noise (size,) for a row's draw number `step`, from the row's `seed`
+    (two uint32) through a hashed counter: no threefry per token (nanogpt_baby batch 1
+    decoding: 4.3-4.7k -> 5.2-6.1k tokens/s)."""
+    bits = models.hashed_bits(seed, (size,), offset=step.astype(jnp.uint32) * size)
+    uniform = ((bits >> 8).astype(jnp.float32) + 0.5) * 2.0**-24  # 24 bits, in (0, 1)
+    return -jnp.log(-jnp.log(uniform))
+
+
+def row_seeds(key: jax.Array, rows: int) -> jax.Array:
+    """(rows, 2) uint32 sampling seeds; row i's depends on i, not on the batch size."""
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(rows))
+    return jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(keys)
+
+
+def choose_token(
+    logits: jax.Array, seed: jax.Array, step: jax.Array, params: SamplingParams
+) -> jax.Array:
+    """One row's next token from its logits (vocab,): its `step`-th draw with its `seed`."""
     logits = logits.astype(jnp.float32)
     filtered = jax.lax.cond(  # plain sampling skips the sort and cumsum (nanogpt_baby,
         (params.top_k > 0) | (params.top_p < 1),  # batch 16: 11.7k -> 13.0k tokens/s)
@@ -91,7 +108,7 @@ def choose_token(logits: jax.Array, key: jax.Array, params: SamplingParams) -> j
         lambda: logits,
     )
     temperature = jnp.maximum(params.temperature, 1e-6)
-    sampled = jax.random.categorical(key, filtered / temperature)
+    sampled = jnp.argmax(filtered / temperature + gumbel_noise(seed, step, logits.shape[-1]))
     return jnp.where(params.temperature > 0, sampled, jnp.argmax(logits)).astype(jnp.int32)
 
 
@@ -199,10 +216,11 @@ class Sampler:
             cache, logits = prefill(model, tokens, filled, pad)
             return DecodeState(tokens, filled, pad, cache, logits, jnp.int32(0))
 
-        def decode(state, dstate, row_keys, params, num_steps, out_len):
+        def decode(state, dstate, seeds, params, num_steps, out_len):
             def choose(i, dstate, out):
-                keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, dstate.step)
-                token = jax.vmap(choose_token, (0, 0, None))(dstate.logits, keys, params)
+                token = jax.vmap(choose_token, (0, 0, None, None))(
+                    dstate.logits, seeds, dstate.step, params
+                )
                 out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
                 return dstate, out, token
 
@@ -280,14 +298,13 @@ class Sampler:
             return
         tokens, filled, pad = self._encode_prompts(prompts)
         dstate = self._start(self._state, tokens, np.int32(filled), pad)
-        seed_key = jax.random.key(seed)
-        row_keys = jax.vmap(jax.random.fold_in, (None, 0))(seed_key, jnp.arange(len(prompts)))
+        seeds = row_seeds(jax.random.key(seed), len(prompts))
         params = SamplingParams(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
         out_len = _bucket(max_new_tokens) if chunk is None else chunk
         done = 0
         while done < max_new_tokens:
             n = min(out_len, max_new_tokens - done)
-            dstate, out = self._decode(self._state, dstate, row_keys, params, n, out_len=out_len)
+            dstate, out = self._decode(self._state, dstate, seeds, params, n, out_len=out_len)
             yield [self.tokenizer.decode(row[:n]) for row in np.asarray(out)]
             done += n
 

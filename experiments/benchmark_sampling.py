@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `configs`
 
 from charlm_jax import models  # noqa: E402
 from charlm_jax.data import embedded_tiny_shakespeare  # noqa: E402
-from charlm_jax.sampling import Sampler, SamplingParams, choose_token  # noqa: E402
+from charlm_jax.sampling import Sampler, SamplingParams, choose_token, row_seeds  # noqa: E402
 from charlm_jax.tokenizers import CharTokenizer  # noqa: E402
 from configs import transformer  # noqa: E402
 
@@ -46,19 +46,18 @@ def naive_sampler(model: nnx.Module, context: int):
     params = SamplingParams(jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0))
 
     @jax.jit
-    def next_tokens(state, window, length, key):
+    def next_tokens(state, window, length, seeds, step):
         logits = nnx.merge(graphdef, state)(window)[:, length - 1]
-        keys = jax.random.split(key, window.shape[0])
-        return jax.vmap(choose_token, (0, 0, None))(logits, keys, params)
+        return jax.vmap(choose_token, (0, 0, None, None))(logits, seeds, step, params)
 
     def run(prompt: np.ndarray, num_steps: int) -> np.ndarray:
-        tokens, key = prompt, jax.random.key(0)
+        tokens, seeds = prompt, row_seeds(jax.random.key(0), len(prompt))
         for i in range(num_steps):
             window = tokens[:, -context:]
             length = window.shape[1]
             padding = -length % NAIVE_BUCKET
             window = np.pad(window, ((0, 0), (0, padding)))
-            new = next_tokens(state, window, length, jax.random.fold_in(key, i))
+            new = next_tokens(state, window, length, seeds, i)
             tokens = np.concatenate([tokens, np.asarray(new)[:, None]], axis=1)
         return tokens
 

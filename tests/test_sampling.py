@@ -6,7 +6,14 @@ from conftest import tiny_config
 from flax import nnx
 
 from charlm_jax import models
-from charlm_jax.sampling import Sampler, SamplingParams, choose_token, filter_logits
+from charlm_jax.sampling import (
+    Sampler,
+    SamplingParams,
+    choose_token,
+    filter_logits,
+    gumbel_noise,
+    row_seeds,
+)
 from charlm_jax.tokenizers import CharTokenizer, UnknownCharacterError
 
 TEXT = "abcdefghij klmnop\n"
@@ -71,8 +78,8 @@ def test_cached_greedy_equals_full_recomputation(name, overrides):
     dstate = sampler._start(sampler._state, tokens, np.int32(filled), pad)
     np.testing.assert_allclose(np.asarray(dstate.logits[0]), ref_logits[0], atol=1e-4)
     greedy = SamplingParams(jnp.float32(0), jnp.int32(0), jnp.float32(1))
-    keys = jax.random.split(jax.random.key(0), 1)
-    dstate, _ = sampler._decode(sampler._state, dstate, keys, greedy, 5, out_len=64)
+    seeds = row_seeds(jax.random.key(0), 1)
+    dstate, _ = sampler._decode(sampler._state, dstate, seeds, greedy, 5, out_len=64)
     np.testing.assert_allclose(np.asarray(dstate.logits[0]), ref_logits[5], atol=1e-4)
 
 
@@ -144,12 +151,23 @@ def test_filter_logits():
 def test_sampling_follows_the_distribution():
     logits = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
     params = SamplingParams(jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0))
-    keys = jax.random.split(jax.random.key(0), 20_000)
-    draws = jax.vmap(choose_token, (None, 0, None))(logits, keys, params)
-    freq = np.bincount(np.asarray(draws), minlength=4) / 20_000
+    seeds, steps = row_seeds(jax.random.key(0), 100), jnp.arange(200)
+    per_step = jax.vmap(choose_token, (None, None, 0, None))
+    draws = np.asarray(jax.vmap(per_step, (None, 0, None, None))(logits, seeds, steps, params))
+    freq = np.bincount(draws.ravel(), minlength=4) / draws.size  # 100 rows x 200 steps
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.015)
+    # A row's successive draws are independent: the same token twice with prob. sum(p^2).
+    assert abs(np.mean(draws[:, 1:] == draws[:, :-1]) - 0.365) < 0.015
     greedy = params._replace(temperature=jnp.float32(0.0))
-    assert int(choose_token(logits, keys[0], greedy)) == 0
+    assert int(choose_token(logits, seeds[0], jnp.int32(0), greedy)) == 0
+
+
+def test_gumbel_noise_moments():
+    noise = jax.vmap(gumbel_noise, (None, 0, None))(
+        row_seeds(jax.random.key(1), 1)[0], jnp.arange(1000), 100
+    )
+    assert abs(float(noise.mean()) - 0.5772) < 0.01  # Euler-Mascheroni
+    assert abs(float(noise.var()) - np.pi**2 / 6) < 0.03
 
 
 @pytest.mark.parametrize(
