@@ -57,9 +57,14 @@ def hashed_bits(seed: jax.Array, shape: tuple[int, ...], offset: jax.Array | int
     return _mix(_mix(index ^ seed[0]) ^ seed[1])
 
 
+def hash_seed(key: jax.Array) -> jax.Array:
+    """The 64-bit seed of `hashed_bits` (two uint32), drawn from a JAX PRNG key."""
+    return jax.random.bits(key, (2,), jnp.uint32)
+
+
 def hashed_uniform_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """`hashed_bits` of `shape` with a seed drawn from `key`."""
-    return hashed_bits(jax.random.bits(key, (2,), jnp.uint32), shape)
+    return hashed_bits(hash_seed(key), shape)
 
 
 class Dropout(nnx.Module):

@@ -94,7 +94,7 @@ def gumbel_noise(seed: jax.Array, step: jax.Array, size: int) -> jax.Array:
 def row_seeds(key: jax.Array, rows: int) -> jax.Array:
     """(rows, 2) uint32 sampling seeds; row i's depends on i, not on the batch size."""
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(rows))
-    return jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(keys)
+    return jax.vmap(models.hash_seed)(keys)
 
 
 def choose_token(
