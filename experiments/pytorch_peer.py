@@ -2,6 +2,11 @@
 PyTorch (fused SDPA attention, AdamW, gradient clipping, nanoGPT's batch sampling), timed
 the same way: compile/warm-up excluded, median of per-step times.
 
+With --train_steps=N it instead trains a full nanoGPT run (nanoGPT's learning-rate schedule,
+its evaluation of 20 random batches every 250 steps, keeping the best) and also scores the
+whole validation text in windows of the context, as `Sampler.log_probs` does, so its losses
+compare with a charlm-jax run's (experiments/quality_parity.py drives both).
+
 PyTorch is not a dependency of charlm-jax: install it in a separate environment, e.g.
     python -m venv /tmp/torch && /tmp/torch/bin/pip install torch numpy
     /tmp/torch/bin/python experiments/pytorch_peer.py --preset=nanogpt_baby
@@ -26,9 +31,9 @@ TEXT = Path(__file__).resolve().parents[1] / "charlm_jax" / "resources" / "tinys
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, heads: int, dropout: float, gelu: str):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.heads, self.dropout, self.gelu = heads, dropout, gelu
         self.ln1, self.ln2 = nn.LayerNorm(dim, bias=False), nn.LayerNorm(dim, bias=False)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim, bias=False)
         self.up, self.down = (
@@ -45,15 +50,18 @@ class Block(nn.Module):
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )
         x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, d)))
-        return x + self.drop(self.down(F.gelu(self.up(self.ln2(x)), approximate="tanh")))
+        return x + self.drop(self.down(F.gelu(self.up(self.ln2(x)), approximate=self.gelu)))
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab: int, dim: int, layers: int, heads: int, context: int, dropout: float):
+    def __init__(
+        self, vocab: int, dim: int, layers: int, heads: int, context: int, dropout: float,
+        gelu: str = "tanh",
+    ):  # fmt: skip
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(dim, heads, dropout, gelu) for _ in range(layers))
         self.ln = nn.LayerNorm(dim, bias=False)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -63,11 +71,37 @@ class GPT(nn.Module):
                 nn.init.normal_(w, 0.0, 0.02 / math.sqrt(2 * layers))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the next-token predictions."""
+        return F.cross_entropy(self.logits(idx).flatten(0, 1), targets.flatten())
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.drop(self.tok(idx) + self.pos(torch.arange(idx.shape[1])))
         for block in self.blocks:
             x = block(x)
-        logits = self.ln(x) @ self.tok.weight.T
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+        return self.ln(x) @ self.tok.weight.T
+
+
+def nanogpt_lr(step: int, steps: int, peak=1e-3, minimum=1e-4, warmup=100) -> float:
+    """nanoGPT's get_lr: linear warmup, then cosine decay to `minimum` at `steps`."""
+    if step < warmup:
+        return peak * (step + 1) / (warmup + 1)
+    ratio = (step - warmup) / (steps - warmup)
+    return minimum + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak - minimum)
+
+
+@torch.no_grad()
+def windowed_loss(model: GPT, data: torch.Tensor, context: int) -> float:
+    """Mean loss over every token of `data` after the first, scored in consecutive
+    non-overlapping windows of `context` (the last one shorter)."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(data) - 1, context):
+        window = data[start : start + context + 1]
+        loss = model(window[None, :-1], window[None, 1:])
+        total += float(loss) * (len(window) - 1)
+        count += len(window) - 1
+    model.train()
+    return total / count
 
 
 def main() -> None:
@@ -75,14 +109,28 @@ def main() -> None:
     parser.add_argument("--preset", choices=PRESETS, default="nanogpt_baby")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--train_steps", type=int, default=0, help="> 0: a full training run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--gelu",
+        choices=("tanh", "none"),
+        default="tanh",
+        help="GELU approximation: tanh (as charlm-jax) or none (nanoGPT's exact)",
+    )
     args = parser.parse_args()
     p = PRESETS[args.preset]
 
     text = TEXT.read_text(encoding="utf-8")
     chars = sorted(set(text))
-    data = torch.tensor([chars.index(c) for c in text[: len(text) * 9 // 10]][:200_000])
-    torch.manual_seed(0)
-    model = GPT(len(chars), p["dim"], p["layers"], p["heads"], p["context"], p["dropout"])
+    ids = torch.tensor([chars.index(c) for c in text])
+    n_train = int(len(ids) * 0.9)
+    data, val = ids[:n_train], ids[n_train:]
+    if not args.train_steps:
+        data = data[:200_000]
+    torch.manual_seed(args.seed)
+    model = GPT(
+        len(chars), p["dim"], p["layers"], p["heads"], p["context"], p["dropout"], args.gelu
+    )
     matrices = [w for w in model.parameters() if w.dim() >= 2]
     vectors = [w for w in model.parameters() if w.dim() < 2]
     opt = torch.optim.AdamW(
@@ -90,16 +138,22 @@ def main() -> None:
         lr=1e-3, betas=(0.9, 0.99),
     )  # fmt: skip
 
+    def batch(split: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(len(split) - p["context"], (p["batch"],))
+        x = torch.stack([split[i : i + p["context"]] for i in starts])
+        y = torch.stack([split[i + 1 : i + 1 + p["context"]] for i in starts])
+        return x, y
+
     def step() -> None:
-        starts = torch.randint(len(data) - p["context"], (p["batch"],))
-        x = torch.stack([data[i : i + p["context"]] for i in starts])
-        y = torch.stack([data[i + 1 : i + 1 + p["context"]] for i in starts])
-        loss = model(x, y)
+        loss = model(*batch(data))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
+    if args.train_steps:
+        train(args, model, opt, step, batch, val, p["context"])
+        return
     for _ in range(args.warmup):
         step()
     times = []
@@ -113,6 +167,32 @@ def main() -> None:
         f"pytorch {torch.__version__} {args.preset} ({torch.get_num_threads()} threads): "
         f"{1e3 * median:.1f} ms/step (min {1e3 * min(times):.1f}, max {1e3 * max(times):.1f}), "
         f"{tokens / median:,.0f} tokens/s"
+    )
+
+
+def train(args, model, opt, step, batch, val: torch.Tensor, context: int) -> None:
+    """nanoGPT's training loop: evaluation of 20 random validation batches every 250 steps
+    (and at the end), best kept; then the windowed loss of the whole validation text."""
+    best = math.inf
+    start = time.perf_counter()
+    for i in range(args.train_steps + 1):
+        if i % 250 == 0 or i == args.train_steps:
+            model.eval()
+            with torch.no_grad():
+                val_loss = sum(float(model(*batch(val))) for _ in range(20)) / 20
+            model.train()
+            best = min(best, val_loss)
+            print(f"step {i}: val loss {val_loss:.4f}", flush=True)
+        if i == args.train_steps:
+            break
+        for group in opt.param_groups:
+            group["lr"] = nanogpt_lr(i, args.train_steps)
+        step()
+    wall = time.perf_counter() - start
+    full = windowed_loss(model, val, context)
+    print(
+        f"pytorch {args.preset} seed {args.seed} gelu {args.gelu}: best val {best:.4f} "
+        f"(20 random batches), whole val text {full:.4f}, {wall:.0f} s"
     )
 
 

@@ -54,3 +54,29 @@ def test_compare_matches_parameters_and_samples_each_model(tmp_path):
     samples = (tmp_path / "samples.md").read_text()
     assert "## transformer" in samples and "## mlp" in samples and "ROMEO:" in samples
     assert "| transformer |" in result.stdout and (tmp_path / "val_curves.png").exists()
+
+
+def test_quality_parity_scores_both_frameworks(tmp_path):
+    fake_python = tmp_path / "fake_python"  # stands in for a Python with torch
+    fake_python.write_text(
+        "#!/bin/sh\necho 'step 2: val loss 2.5'\n"
+        "echo 'pytorch nanogpt_baby seed 0 gelu tanh: best val 2.5000 (20 random batches), "
+        "whole val text 2.6000, 3 s'\n"
+    )
+    fake_python.chmod(0o755)
+    tiny = {**SHORT, "model.embedding_dim": 32, "model.hidden_dim": 64}
+    result = run_script(
+        "quality_parity.py",
+        f"--workdir={tmp_path / 'parity'}",
+        "--seeds=0",
+        "--config=configs/transformer.py",
+        f"--torch_python={fake_python}",
+        *(f"--set={k}={v}" for k, v in tiny.items()),
+    )
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if "|" in line]
+    jax_row = next(r for r in rows if r[0].strip() == "charlm-jax" and r[1].strip() == "0")
+    whole = float(jax_row[3])
+    assert 3.0 < whole < 5.0  # 2 steps from random weights: about log(65) = 4.17 nats
+    torch_row = next(r for r in rows if r[0].strip().startswith("pytorch") and r[1].strip() == "0")
+    assert [float(torch_row[2]), float(torch_row[3])] == [2.5, 2.6]
+    assert (tmp_path / "parity" / "parity.md").read_text().strip() == result.stdout.strip()
