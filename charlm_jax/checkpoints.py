@@ -8,7 +8,12 @@ DIR/summary.json       written at the end of training
 
 from __future__ import annotations
 
+import gc
 import json
+import os
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -113,11 +118,47 @@ def restore(
     items = {"model": target(model_state)}
     if opt_state is not None:
         items["opt"] = target(opt_state)
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # orbax raises many types for missing or damaged files
-        raise UserError(f"cannot restore checkpoint {step} in {manager.directory}: {e}") from None
+    restored = _restore_quietly(manager, step, ocp.args.Composite(**items))
     return restored["model"], restored.get("opt") if opt_state is not None else None
+
+
+def _restore_quietly(manager: ocp.CheckpointManager, step: int, args) -> dict:
+    """`manager.restore` with the process's stderr (fd 2: TensorStore's threads write there
+    too) held in a temporary file: replayed after a success; dropped after a failure, once
+    the reads still in flight have finished and been collected. (TensorStore completes them
+    on orbax's closed event loop and each prints a traceback; asyncio logs each unretrieved
+    failure.) A failure raises UserError in one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    error = None
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            try:
+                restored = manager.restore(step, args=args)
+            except Exception as e:  # orbax raises many types for missing or damaged files
+                error = f"cannot restore checkpoint {step} in {manager.directory}: {_root_cause(e)}"
+            if error is not None:
+                time.sleep(0.5)
+                gc.collect()
+            sys.stderr.flush()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if error is not None:
+            raise UserError(error)
+        held.seek(0)
+        sys.stderr.write(held.read().decode(errors="replace"))
+    return restored
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost exception behind `error`, without the storage spec
+    that TensorStore appends (orbax's own messages print that spec whole)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[0].split(" [tensorstore_spec", 1)[0]
 
 
 def restore_latest_good(

@@ -1,5 +1,6 @@
 """End-to-end runs of `python -m charlm_jax.generate` on a tiny trained workdir."""
 
+import shutil
 import subprocess
 import sys
 
@@ -85,6 +86,17 @@ def test_missing_workdir(tmp_path):
         run_generate(f"--workdir={tmp_path / 'nope'}"), "error: no checkpoints in"
     )
     assert_one_line_error(run_generate(), "error: flag --workdir=None")
+
+
+def test_damaged_checkpoint_is_one_line(workdir, tmp_path):
+    damaged = tmp_path / "run"
+    shutil.copytree(workdir, damaged)
+    for f in (damaged / "checkpoints").rglob("*"):
+        if f.is_file() and f.parent.name == "d":  # the array data files of OCDBT
+            f.write_bytes(b"garbage")
+    result = run_generate(f"--workdir={damaged}")
+    assert_one_line_error(result, "error: cannot restore checkpoint 20 in")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # no stray tracebacks
 
 
 def test_interactive_mode_streams_in_chunks(monkeypatch, capsys):
