@@ -120,13 +120,15 @@ def _attention_inputs(query_slots: jax.Array, pad: jax.Array, num_slots: int):
     return positions, mask
 
 
-def prefill(model, tokens: jax.Array, filled: jax.Array, pad: jax.Array):
-    """Runs the whole buffer through the model; returns its cache and the logits after the
-    last filled slot."""
+def prefill(model, tokens: jax.Array, filled: jax.Array, pad: jax.Array, width: int = 0):
+    """Runs the buffer's first `width` slots (0: all) through the model into a cache of the
+    buffer's length; returns the cache and the logits after the last filled slot, which
+    must be below `width`."""
     batch, length = tokens.shape
-    positions, mask = _attention_inputs(jnp.arange(length), pad, length)
+    width = width or length
+    positions, mask = _attention_inputs(jnp.arange(width), pad, length)
     logits, cache = model.forward_cached(
-        tokens, positions, mask, model.init_cache(batch, length), 0
+        tokens[:, :width], positions, mask, model.init_cache(batch, length), 0
     )
     return cache, jax.lax.dynamic_index_in_dim(logits, filled - 1, axis=1, keepdims=False)
 
@@ -155,7 +157,15 @@ def _refill(model, s: DecodeState, token: jax.Array) -> DecodeState:
     """Appends one token per row to a full buffer: make room, then prefill."""
     s = _make_room(s)
     tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.filled, axis=1)
-    cache, logits = prefill(model, tokens, s.filled + 1, s.pad)
+    # Usually every row dropped half its text: then only the kept half and the new token
+    # are prefilled (500 tokens, 2-core CPU: nanogpt batch 1 450-465 -> 505-538 tokens/s,
+    # nanogpt_baby batch 16 13.3-13.8k -> 15.5-16.2k).
+    half = tokens.shape[1] // 2 + 1
+    cache, logits = jax.lax.cond(
+        s.filled < half,
+        lambda: prefill(model, tokens, s.filled + 1, s.pad, width=half),
+        lambda: prefill(model, tokens, s.filled + 1, s.pad),
+    )
     return DecodeState(tokens, s.filled + 1, s.pad, cache, logits, s.step + 1)
 
 

@@ -95,6 +95,8 @@ def test_beyond_the_context_follows_the_documented_policy(name, overrides):
 @pytest.mark.parametrize(("name", "overrides"), VARIANTS)
 def test_each_row_of_a_batch_decodes_as_if_alone(name, overrides):
     sampler = make_sampler(name, **overrides)
+    # Row 1's text starts 19 slots in, 3 after the first refill: the second refill keeps
+    # more than half the buffer (a full-width prefill), the first only half.
     prompts = ["a", "klmnop abc de", "", "j" * (CONTEXT + 5)]
     for kwargs in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 3}):
         batch = sampler.generate(prompts, 2 * CONTEXT, **kwargs)
