@@ -8,12 +8,14 @@ DIR/summary.json       written at the end of training
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -123,33 +125,41 @@ def restore(
 
 
 def _restore_quietly(manager: ocp.CheckpointManager, step: int, args) -> dict:
-    """`manager.restore` with the process's stderr (fd 2: TensorStore's threads write there
-    too) held in a temporary file: replayed after a success; dropped after a failure, once
-    the reads still in flight have finished and been collected. (TensorStore completes them
-    on orbax's closed event loop and each prints a traceback; asyncio logs each unretrieved
-    failure.) A failure raises UserError in one line."""
-    sys.stderr.flush()
-    saved = os.dup(2)
+    """`manager.restore` with the process's stderr held in a temporary file: replayed after
+    a success; dropped after a failure, once the reads still in flight have finished and been
+    collected. (TensorStore completes them on orbax's closed event loop and each prints a
+    traceback; asyncio logs each unretrieved failure.) A failure raises UserError in one
+    line."""
     error = None
     with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
+        with _stderr_into(held):
             try:
                 restored = manager.restore(step, args=args)
             except Exception as e:  # orbax raises many types for missing or damaged files
                 error = f"cannot restore checkpoint {step} in {manager.directory}: {_root_cause(e)}"
-            if error is not None:
+            if error is not None:  # outside `except`, whose traceback keeps the reads alive
                 time.sleep(0.5)
                 gc.collect()
-            sys.stderr.flush()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
         if error is not None:
             raise UserError(error)
         held.seek(0)
         sys.stderr.write(held.read().decode(errors="replace"))
     return restored
+
+
+@contextlib.contextmanager
+def _stderr_into(file) -> Iterator[None]:
+    """Points the process's stderr, file descriptor 2 (where TensorStore's C++ threads write
+    too), at `file` for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _root_cause(error: BaseException) -> str:
