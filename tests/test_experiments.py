@@ -1,10 +1,12 @@
 """Smoke tests of the experiment scripts with tiny settings, run as a user runs them."""
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, TINY_TRAIN
 
 SHORT = {**TINY_TRAIN, "train.num_steps": 2, "train.eval_every": 2, "train.log_every": 2}
@@ -80,3 +82,22 @@ def test_quality_parity_scores_both_frameworks(tmp_path):
     torch_row = next(r for r in rows if r[0].strip().startswith("pytorch") and r[1].strip() == "0")
     assert [float(torch_row[2]), float(torch_row[3])] == [2.5, 2.6]
     assert (tmp_path / "parity" / "parity.md").read_text().strip() == result.stdout.strip()
+
+
+def test_report_tables_match_the_committed_results():
+    result = run_script("report.py", "--check")
+    assert result.stdout.strip() == "stale: none"
+
+
+def test_report_rewrites_a_stale_table_and_refuses_an_unknown_one():
+    spec = importlib.util.spec_from_file_location("report", ROOT / "experiments" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    stale = "a\n<!-- report:compare -->\n| run |\n<!-- /report:compare -->\nb\n"
+    text, changed = report.rewrite(stale)
+    assert changed == ["compare"]
+    assert text.startswith("a\n<!-- report:compare -->\n\n| run | num_params |")
+    assert "| mlp | 78,485 |" in text and text.endswith("<!-- /report:compare -->\nb\n")
+    assert report.rewrite(text) == (text, [])
+    with pytest.raises(ValueError, match="no results for table 'nothing'"):
+        report.rewrite("<!-- report:nothing -->\n<!-- /report:nothing -->")

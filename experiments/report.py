@@ -1,0 +1,197 @@
+"""Writes every results table of README.md and docs/*.md from the committed files under
+results/, between the markers `<!-- report:NAME -->` and `<!-- /report:NAME -->`.
+
+    python experiments/report.py          # rewrite the tables
+    python experiments/report.py --check  # rewrite nothing; exit 1 naming the stale tables
+
+NAME is one of:
+- a sweep's folder under results/ (`sweep_small`, `compare`, `presets_mlp`, ...): its
+  results.csv, without the `model` column (and `status`/`error` when every run finished);
+- `parity`: results/parity/parity.md (experiments/quality_parity.py) by framework, seeds in
+  one cell, then the means;
+- `demo`: results/demo/summary.json (experiments/demo.py), its evaluations;
+- `presets`: the presets of configs/transformer.py and configs/mlp.py;
+- a file results/measurements/NAME.json: a measurement made before its script wrote a result
+  file, transcribed with the commands that measure it and the machine it ran on.
+"""
+
+import csv
+import json
+import re
+import runpy
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from absl import app, flags
+
+from charlm_jax import sweeps
+
+flags.DEFINE_bool("check", False, "Only compare: exit 1 if a committed table is stale.")
+FLAGS = flags.FLAGS
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+MEASUREMENTS = RESULTS / "measurements"
+MARKER = re.compile(r"(<!-- report:([\w-]+) -->\n)(.*?)(<!-- /report:\2 -->)", re.S)
+
+
+def pages() -> list[Path]:
+    """The markdown files whose tables this script writes."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def sweep_table(name: str) -> str:
+    """A sweep's results.csv as its results.md has it, less the columns that say nothing."""
+    with (RESULTS / name / sweeps.RESULTS_CSV).open() as f:
+        rows = [{key: _number(value) for key, value in row.items()} for row in csv.DictReader(f)]
+    hidden = {"model"}
+    if all(row["status"] == "done" for row in rows):
+        hidden |= {"status", "error"}
+    return sweeps.markdown_table(rows, [c for c in rows[0] if c not in hidden])
+
+
+def parity_table() -> str:
+    """Per framework: the best 20-batch validation loss of each seed, its mean, and the mean
+    loss of the whole validation text."""
+    lines = (RESULTS / "parity" / "parity.md").read_text().splitlines()
+    header, *rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    rows = [dict(zip(header, row, strict=True)) for row in rows if not set(row[0]) <= {"-"}]
+    out = []
+    for framework in dict.fromkeys(row["framework"] for row in rows):
+        mine = {row["seed"]: row for row in rows if row["framework"] == framework}
+        mean = mine.pop("mean")
+        out.append({
+            "framework": framework,
+            f"best val (20 batches), seeds {' / '.join(mine)}": " / ".join(
+                row["best_val_loss"] for row in mine.values()
+            ),
+            "mean": mean["best_val_loss"],
+            "whole validation text, mean": mean["whole val text loss"],
+        })  # fmt: skip
+    return sweeps.markdown_table(out, list(out[0]))
+
+
+def demo_table() -> str:
+    """The demo run's size, speed and evaluations."""
+    summary = json.loads((RESULTS / "demo" / "summary.json").read_text())
+    caption = (
+        f"{summary['num_params']:,} parameters, {summary['steps']} steps, "
+        f"{summary['wall_time_s']:.0f} s, {summary['train_tokens_per_sec']:,.0f} tokens/s:"
+    )
+    rows = [
+        {
+            "step": r["step"],
+            "train loss": f"{r['train_loss']:.4f}",
+            "val loss": f"{r['val_loss']:.4f}",
+            "bits/char": f"{r['val_bpc']:.3f}",
+        }
+        for r in summary["history"]
+        if r["kind"] == "eval"
+    ]
+    return caption + "\n\n" + sweeps.markdown_table(rows, list(rows[0]))
+
+
+def _model_column(config) -> str:
+    m = config.model
+    if m.name == "mlp":
+        return f"MLP, {m.context_size}-character window"
+    return "Transformer" + (", RoPE" if m.position == "rope" else "")
+
+
+def presets_table() -> str:
+    """Every preset of the config files, as `get_config(preset)` builds it."""
+    rows = []
+    for file in ("transformer.py", "mlp.py"):
+        module = runpy.run_path(str(ROOT / "configs" / file))
+        for preset in module["PRESETS"]:
+            config = module["get_config"](preset)
+            m, sizes = config.model, [config.model.embedding_dim, config.model.hidden_dim]
+            sizes += [m.num_layers] + ([m.num_heads] if m.name == "transformer" else [])
+            rows.append({
+                "preset": f"`{file}:{preset}`",
+                "model": _model_column(config),
+                "embedding / hidden / layers (/ heads)": " / ".join(map(str, sizes)),
+                "dropout": m.dropout_rate,
+                "context": config.data.sequence_length,
+                "batch": config.train.batch_size,
+                "steps": config.train.num_steps,
+                "learning rate": config.train.learning_rate,
+            })  # fmt: skip
+    return sweeps.markdown_table(rows, list(rows[0]))
+
+
+def measurement_table(name: str) -> str:
+    """A transcribed measurement: its table, then its commands and machine."""
+    record = json.loads((MEASUREMENTS / f"{name}.json").read_text())
+    rows = [dict(zip(record["columns"], row, strict=True)) for row in record["rows"]]
+    commands = " and ".join(f"`{command}`" for command in record["commands"])
+    table = sweeps.markdown_table(rows, record["columns"])
+    return f"{table}\n\nMeasured by {commands}; {record['measured']}."
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "parity": parity_table,
+    "demo": demo_table,
+    "presets": presets_table,
+}
+
+
+def render(name: str) -> str:
+    """The markdown of table `name`; ValueError if nothing produces it."""
+    if name in TABLES:
+        return TABLES[name]()
+    if (MEASUREMENTS / f"{name}.json").exists():
+        return measurement_table(name)
+    if (RESULTS / name / sweeps.RESULTS_CSV).exists():
+        return sweep_table(name)
+    raise ValueError(f"no results for table {name!r}: not a sweep under results/ nor a file")
+
+
+def rewrite(text: str) -> tuple[str, list[str]]:
+    """`text` with every marked table regenerated, and the names of the tables that changed."""
+    changed = []
+
+    def replace(match: re.Match) -> str:
+        start, name, old, end = match.groups()
+        new = f"\n{render(name)}\n\n"
+        if new != old:
+            changed.append(name)
+        return start + new + end
+
+    return MARKER.sub(replace, text), changed
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}")
+    stale, shown = [], set()
+    for page in pages():
+        text = page.read_text(encoding="utf-8")
+        shown |= {match.group(2) for match in MARKER.finditer(text)}
+        try:
+            new, changed = rewrite(text)
+        except ValueError as e:
+            sys.exit(f"error: {page.relative_to(ROOT)}: {e}")
+        stale += [f"{page.relative_to(ROOT)}:{name}" for name in changed]
+        if changed and not FLAGS.check:
+            page.write_text(new, encoding="utf-8")
+    unshown = sorted({p.stem for p in MEASUREMENTS.glob("*.json")} - shown)
+    if unshown:
+        sys.exit(f"error: results/measurements/ files shown on no page: {', '.join(unshown)}")
+    if FLAGS.check and stale:
+        sys.exit(f"error: stale tables (run python experiments/report.py): {', '.join(stale)}")
+    print(f"{'stale' if FLAGS.check else 'rewrote'}: {', '.join(stale) or 'none'}")
+
+
+if __name__ == "__main__":
+    app.run(main)
