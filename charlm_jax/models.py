@@ -150,10 +150,17 @@ class MLP(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """Writes `tokens` at buffer slots slot.. and returns their logits (see Transformer)."""
         del positions  # the MLP only sees the window
-        cache = jax.lax.dynamic_update_slice_in_dim(cache, tokens, slot, axis=1)
+        cache = write_slots(cache, tokens, slot, axis=1)
         visible = jnp.where(mask[:, -1, :], cache, self.pad_id)  # slots before a row's text
         padded = jnp.pad(visible, ((0, 0), (self.context_size - 1, 0)), constant_values=self.pad_id)
-        return self._logits(padded, slot, tokens.shape[1], train=False, rngs=None), cache
+        if jnp.ndim(slot) == 0:
+            return self._logits(padded, slot, tokens.shape[1], train=False, rngs=None), cache
+        logits = jax.vmap(
+            lambda row, start: self._logits(
+                row[None], start, tokens.shape[1], train=False, rngs=None
+            )[0]
+        )(padded, slot)
+        return logits, cache
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
@@ -185,6 +192,15 @@ def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
     3-D activations XLA:CPU contracts two dimensions at once, about 2x slower.
     """
     return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
+def write_slots(cache: jax.Array, new: jax.Array, slot, axis: int) -> jax.Array:
+    """Writes `new` into `cache` along `axis` from `slot`: one index for every row, or one
+    per row (an array of shape (batch,))."""
+    if jnp.ndim(slot) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, slot, axis=axis)
+    write = functools.partial(jax.lax.dynamic_update_slice_in_dim, axis=axis - 1)
+    return jax.vmap(write)(cache, new, slot)
 
 
 class KVCache(NamedTuple):
@@ -248,17 +264,18 @@ class CausalSelfAttention(nnx.Module):
             # keys; the written cache is then only the next call's input, which XLA updates in
             # place. (Attending to the written cache made XLA copy each layer's cache at every
             # decoding step.)
+            # `slot` is one index for all rows or one per row (batch,).
+            start = jnp.reshape(slot, (-1, 1, 1))
+            written = start + jnp.arange(time)  # (1 or batch, 1, time)
             slots = jnp.arange(cache.k.shape[2])
-            stale = (slots >= slot) & (slots < slot + time)
-            y = attend(
-                q,
-                [cache.k, k],
-                [cache.v, v],
-                [mask & ~stale, jax.lax.dynamic_slice_in_dim(mask, slot, time, axis=2)],
+            stale = (slots >= start) & (slots < start + time)
+            new_mask = jnp.take_along_axis(
+                mask, jnp.broadcast_to(written, mask.shape[:2] + (time,)), axis=2
             )
-            write = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=slot, axis=2)
+            y = attend(q, [cache.k, k], [cache.v, v], [mask & ~stale, new_mask])
             cache = KVCache(
-                write(cache.k, k.astype(cache.k.dtype)), write(cache.v, v.astype(cache.v.dtype))
+                write_slots(cache.k, k.astype(cache.k.dtype), slot, axis=2),
+                write_slots(cache.v, v.astype(cache.v.dtype), slot, axis=2),
             )
         elif time > QUERY_BLOCK:
             # Causal: the queries in [start, end) see keys before end only. Skipping the rest
@@ -460,8 +477,9 @@ class Transformer(nnx.Module):
         cache: list[KVCache],
         slot,
     ) -> tuple[jax.Array, list[KVCache]]:
-        """Runs `tokens` (batch, time), placed at cache slots slot..slot+time-1, at the given
-        `positions` (batch, time), attending where `mask` (batch, time, slots) is True."""
+        """Runs `tokens` (batch, time), placed at cache slots slot..slot+time-1 (`slot`: one
+        index, or one per row), at the given `positions` (batch, time), attending where `mask`
+        (batch, time, slots) is True."""
         return self._forward(tokens, positions, mask, cache, slot, train=False, rngs=None)
 
     def _forward(self, tokens, positions, mask, cache, slot, *, train, rngs):

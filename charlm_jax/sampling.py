@@ -112,6 +112,27 @@ def choose_token(
     return jnp.where(params.temperature > 0, sampled, jnp.argmax(logits)).astype(jnp.int32)
 
 
+def choose_tokens(
+    logits: jax.Array, seeds: jax.Array, steps: jax.Array, params: SamplingParams
+) -> jax.Array:
+    """Each row's next token from its logits (rows, vocab): its `steps[row]`-th draw with
+    its `seeds[row]` and its own sampling parameters (arrays of (rows,))."""
+    logits = logits.astype(jnp.float32)
+    need = (params.top_k > 0) | (params.top_p < 1)
+    filtered = jax.lax.cond(  # plain sampling skips the sort and cumsum; a row that needs
+        jnp.any(need),  # no filter keeps its logits exactly whatever its neighbours need
+        lambda: jnp.where(
+            need[:, None], jax.vmap(filter_logits)(logits, params.top_k, params.top_p), logits
+        ),
+        lambda: logits,
+    )
+    temperature = jnp.maximum(params.temperature, 1e-6)[:, None]
+    noise = jax.vmap(gumbel_noise, (0, 0, None))(seeds, steps, logits.shape[-1])
+    sampled = jnp.argmax(filtered / temperature + noise, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1)
+    return jnp.where(params.temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
 def _attention_inputs(query_slots: jax.Array, pad: jax.Array, num_slots: int):
     """Positions (batch, time) and mask (batch, time, slots) for queries at `query_slots`."""
     keys = jnp.arange(num_slots)

@@ -1,0 +1,367 @@
+"""A decode engine: continuous batching over a fixed number of slots.
+
+Each slot holds one request: its window of text in the model's cache rows (token i of the
+window at cache column i and position i), its next-token logits, its sampling parameters and
+seed, the number of tokens it has drawn (its noise counter) and the number it still has to
+produce. `insert` prefills a prompt into a free slot; `step` advances every active slot by up
+to `steps_per_call` tokens in one jitted call whose shapes never depend on how many slots are
+busy; `free` releases a slot. The state lives on the device and is donated to each call.
+
+Context policy (the Sampler's): a prompt longer than the context keeps its last context's
+worth of tokens. When a slot's window fills the context, the token drawn from the full window
+is emitted, the slot pauses for the rest of the call, and its cache is rebuilt from the newest
+half of the window plus that token by the same prefill as `insert` (positions then count from
+the kept text's start), at the start of the next `step`.
+
+Exactness: every computation on a slot reads only that slot's rows, and its noise comes from
+its own seed and counter, so a request gives the same tokens in any slot, beside any
+neighbours, inserted at any time (tests/test_engine.py). Prefills are batched by length
+bucket; a prefill's padding sits after the prompt, where causal attention never looks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from charlm_jax.sampling import SamplingParams, check_sampling_args, choose_tokens
+
+TOP_LOGPROBS = 5  # alternatives reported per token
+# Tokens per jitted call: enough to amortise the dispatch and the host's bookkeeping (each
+# call is one device round trip), few enough that a new request waits little for a slot
+# and that a finished or full slot idles little until the call ends (docs/decoding.md).
+STEPS_PER_CALL = 16
+MIN_PREFILL = 8  # the narrowest prefill: fewer compiled shapes, little waste
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One sequence to continue. `prompt`: int32 token ids (longer than the context: the
+    last context's worth is kept). temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+
+    prompt: np.ndarray
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        check_sampling_args(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if np.ndim(self.prompt) != 1 or len(self.prompt) < 1:
+            raise ValueError("prompt must be a non-empty 1-D array of token ids")
+
+
+class StepOutput(NamedTuple):
+    """What one slot produced in one `Engine.step`."""
+
+    slot: int
+    tokens: np.ndarray  # (n,) int32 new tokens
+    logprobs: np.ndarray  # (n,) log-probability of each under the unfiltered distribution
+    top_ids: np.ndarray  # (n, TOP_LOGPROBS) the most likely tokens at each step
+    top_logprobs: np.ndarray  # (n, TOP_LOGPROBS) their log-probabilities
+    finished: bool  # max_new_tokens reached: the slot is free again
+
+
+class EngineFull(ValueError):
+    """insert() found no free slot."""
+
+
+class EngineState(NamedTuple):
+    cache: object  # the model's cache pytree, one row per slot, `context` columns
+    logits: jax.Array  # (slots, vocab) float32 logits of each slot's next token
+    length: jax.Array  # (slots,) tokens in the window; context + 1: full, awaiting a rebuild
+    drawn: jax.Array  # (slots,) tokens drawn so far: the noise counter
+    remaining: jax.Array  # (slots,) tokens still to produce; 0: idle
+    seeds: jax.Array  # (slots, 2) uint32
+    params: SamplingParams  # of (slots,) arrays
+
+
+class _Prefill(NamedTuple):
+    """A slot's pending prefill: its window and the state it resumes with."""
+
+    window: np.ndarray
+    request: Request
+    drawn: int
+
+
+def seed_bits(seed: int) -> np.ndarray:
+    """The (2,) uint32 noise seed of an integer seed: splitmix64 of it."""
+    z = (int(seed) + 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    z ^= z >> 31
+    return np.array([z & 0xFFFFFFFF, z >> 32], np.uint32)
+
+
+def prefill_buckets(context: int) -> list[int]:
+    """Prefill widths: powers of two from MIN_PREFILL below the context, the context, and
+    the width of a rebuild after a full window (the newest half plus one token)."""
+    powers = {1 << i for i in range(context.bit_length()) if MIN_PREFILL <= 1 << i < context}
+    return sorted(powers | {context, context + 1 - context // 2})
+
+
+def stop_position(text: str, stops: Iterable[str]) -> int | None:
+    """Where the first of `stops` to occur in `text` begins (None: none does)."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def _row_buckets(num_slots: int) -> list[int]:
+    return sorted({4**i for i in range(8) if 4**i < num_slots} | {num_slots})
+
+
+def _smallest_at_least(buckets: list[int], n: int) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+class Engine:
+    """Decodes up to `num_slots` requests at once with `model`, any module implementing
+    the cached-decoding protocol (`init_cache`, `forward_cached`) over `context_length`.
+
+        engine = Engine(model, 256, num_slots=16)
+        slot = engine.insert(Request(prompt_ids, max_new_tokens=100, seed=1))
+        while engine.active_slots():
+            for out in engine.step(): ...
+
+    Not thread-safe: one thread drives it.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        context_length: int,
+        num_slots: int = 16,
+        steps_per_call: int = STEPS_PER_CALL,
+    ):
+        if num_slots < 1 or steps_per_call < 1 or context_length < 2:
+            raise ValueError(
+                f"need num_slots >= 1, steps_per_call >= 1, context_length >= 2; got "
+                f"{num_slots}, {steps_per_call}, {context_length}"
+            )
+        self.num_slots, self.steps_per_call, self.context = (
+            num_slots,
+            steps_per_call,
+            context_length,
+        )
+        graphdef, self._weights = nnx.split(model)
+        self._buckets = prefill_buckets(context_length)
+        self._rows = _row_buckets(num_slots)
+        self._requests: list[Request | None] = [None] * num_slots
+        self._windows: list[np.ndarray | None] = [None] * num_slots
+        self._drawn = [0] * num_slots
+        self._pending: dict[int, _Prefill] = {}
+        self._released = np.zeros(num_slots, bool)
+        context = context_length
+        self._step = jax.jit(
+            lambda w, s, r: _decode(nnx.merge(graphdef, w), s, r, steps_per_call, context),
+            donate_argnums=1,
+        )
+        self._prefill = jax.jit(
+            lambda w, s, *rows: _prefill(nnx.merge(graphdef, w), context, s, *rows),
+            donate_argnums=1,
+        )
+        empty = jax.jit(lambda w: _empty_state(nnx.merge(graphdef, w), num_slots, context))
+        self._state = empty(self._weights)
+        self.vocab_size = self._state.logits.shape[1]
+
+    def free_slots(self) -> list[int]:
+        return [i for i, r in enumerate(self._requests) if r is None]
+
+    def active_slots(self) -> list[int]:
+        return [i for i, r in enumerate(self._requests) if r is not None]
+
+    def insert(self, request: Request) -> int:
+        """Assigns `request` a free slot (its prefill runs at the next `step`); raises
+        EngineFull if every slot is busy."""
+        free = self.free_slots()
+        if not free:
+            raise EngineFull(f"no free slot (num_slots={self.num_slots} busy)")
+        prompt = np.asarray(request.prompt)
+        bad = prompt[(prompt < 0) | (prompt >= self.vocab_size)]
+        if len(bad):
+            raise ValueError(f"token id {bad[0]} outside the vocabulary of {self.vocab_size}")
+        slot = free[0]
+        self._requests[slot], self._drawn[slot] = request, 0
+        self._released[slot] = False
+        self._pending[slot] = _Prefill(prompt[-self.context :].astype(np.int32), request, 0)
+        return slot
+
+    def free(self, slot: int) -> None:
+        """Stops the request in `slot` (if any) and frees the slot."""
+        if self._requests[slot] is not None:
+            self._requests[slot] = None
+            self._pending.pop(slot, None)
+            self._released[slot] = True
+
+    def step(self) -> list[StepOutput]:
+        """Runs the pending prefills, then advances every active slot by up to
+        steps_per_call tokens in one call; returns what each active slot produced."""
+        self._run_prefills()
+        if not self.active_slots():
+            return []
+        self._state, out = self._step(self._weights, self._state, self._released)
+        self._released = np.zeros(self.num_slots, bool)
+        tokens, logprobs, top_ids, top_logprobs = (np.asarray(a).swapaxes(0, 1) for a in out)
+        results = []
+        for slot in self.active_slots():
+            n = int(np.sum(tokens[slot] >= 0))  # a slot's tokens come first, then -1s
+            finished = self._advance(slot, tokens[slot, :n])
+            results.append(
+                StepOutput(
+                    slot,
+                    tokens[slot, :n],
+                    logprobs[slot, :n],
+                    top_ids[slot, :n],
+                    top_logprobs[slot, :n],
+                    finished,
+                )
+            )
+        return results
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[list[tuple[int, StepOutput]]]:
+        """Runs `requests`, inserting each as a slot frees; yields, per step, the outputs
+        as (index of the request, output)."""
+        queue = iter(enumerate(requests))
+        owner: dict[int, int] = {}
+        waiting = next(queue, None)
+        while waiting is not None or owner:
+            while waiting is not None and self.free_slots():
+                owner[self.insert(waiting[1])] = waiting[0]
+                waiting = next(queue, None)
+            outputs = self.step()
+            yield [(owner[o.slot], o) for o in outputs]
+            for o in outputs:
+                if o.finished:
+                    del owner[o.slot]
+
+    def _advance(self, slot: int, new: np.ndarray) -> bool:
+        """Host bookkeeping after `slot` produced `new` tokens; returns whether it finished."""
+        request = self._requests[slot]
+        self._drawn[slot] += len(new)
+        window = np.concatenate([self._windows[slot], new])
+        finished = self._drawn[slot] >= request.max_new_tokens
+        if len(window) > self.context:  # full: rebuild from the newest half (+ the new token)
+            window = window[self.context // 2 :]
+            if not finished:
+                self._pending[slot] = _Prefill(window, request, self._drawn[slot])
+        self._windows[slot] = window
+        if finished:
+            self._requests[slot] = None
+        return finished
+
+    def _run_prefills(self) -> None:
+        """Prefills the pending slots, batched by width bucket."""
+        groups: dict[int, list[int]] = {}
+        for slot, p in self._pending.items():
+            self._windows[slot] = p.window
+            groups.setdefault(_smallest_at_least(self._buckets, len(p.window)), []).append(slot)
+        for width, slots in groups.items():
+            for start in range(0, len(slots), self.num_slots):
+                self._prefill_rows(width, slots[start : start + self.num_slots])
+        self._pending.clear()
+
+    def _prefill_rows(self, width: int, slots: list[int]) -> None:
+        rows = _smallest_at_least(self._rows, len(slots))
+        tokens = np.zeros((rows, width), np.int32)
+        index = np.full(rows, self.num_slots, np.int32)  # padding rows write nowhere
+        lengths, drawn, remaining = (np.ones(rows, np.int32) for _ in range(3))
+        seeds = np.zeros((rows, 2), np.uint32)
+        temperature, top_p = np.ones(rows, np.float32), np.ones(rows, np.float32)
+        top_k = np.zeros(rows, np.int32)
+        for i, slot in enumerate(slots):
+            p = self._pending[slot]
+            r = p.request
+            tokens[i, : len(p.window)], lengths[i], index[i] = p.window, len(p.window), slot
+            drawn[i], remaining[i] = p.drawn, r.max_new_tokens - p.drawn
+            seeds[i] = seed_bits(r.seed)
+            temperature[i], top_k[i], top_p[i] = r.temperature, r.top_k, r.top_p
+        params = SamplingParams(temperature, top_k, top_p)
+        self._state = self._prefill(
+            self._weights, self._state, index, tokens, lengths, drawn, remaining, seeds, params
+        )
+
+
+def _empty_state(model, num_slots: int, context: int) -> EngineState:
+    cache = model.init_cache(num_slots, context)
+    ids = jnp.zeros((num_slots, 1), jnp.int32)
+    mask = jnp.ones((num_slots, 1, context), bool)
+    logits = jax.eval_shape(lambda: model.forward_cached(ids, ids, mask, cache, ids[:, 0])[0])
+    zeros = jnp.zeros(num_slots, jnp.int32)
+    return EngineState(
+        cache,
+        jnp.zeros((num_slots, logits.shape[-1]), jnp.float32),
+        zeros,
+        zeros,
+        zeros,
+        jnp.zeros((num_slots, 2), jnp.uint32),
+        SamplingParams(jnp.ones(num_slots), zeros, jnp.ones(num_slots)),
+    )
+
+
+def _decode(model, s: EngineState, released: jax.Array, steps: int, context: int):
+    """`steps` tokens for every active slot; returns the state and, per step and slot, the
+    token (-1: none), its log-probability and the top alternatives."""
+    s = s._replace(remaining=jnp.where(released, 0, s.remaining))
+    columns = jnp.arange(context)
+
+    def step(s: EngineState, _):
+        emit = (s.remaining > 0) & (s.length <= context)
+        token = choose_tokens(s.logits, s.seeds, s.drawn, s.params)
+        logp = jax.nn.log_softmax(s.logits)
+        top_logp, top_ids = jax.lax.top_k(logp, min(TOP_LOGPROBS, logp.shape[-1]))
+        chosen = jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0]
+        # A full slot emits its token but does not append it: the host rebuilds its cache.
+        # The rows that do not append write past their text (or into a slot being rebuilt).
+        append = emit & (s.length < context)
+        at = jnp.minimum(s.length, context - 1)
+        mask = (columns <= at[:, None])[:, None, :]
+        logits, cache = model.forward_cached(token[:, None], at[:, None], mask, s.cache, at)
+        s = EngineState(
+            cache,
+            jnp.where(append[:, None], logits[:, 0].astype(jnp.float32), s.logits),
+            jnp.where(emit & ~append, context + 1, s.length + append),
+            s.drawn + emit,
+            s.remaining - emit,
+            s.seeds,
+            s.params,
+        )
+        return s, (jnp.where(emit, token, -1), chosen, top_ids.astype(jnp.int32), top_logp)
+
+    return jax.lax.scan(step, s, length=steps)
+
+
+def _prefill(
+    model, context, s: EngineState, index, tokens, lengths, drawn, remaining, seeds, params
+):
+    """Runs the windows `tokens` (rows, width), `lengths` long, into the slots `index`
+    (num_slots: a padding row), with their counters, seeds and sampling parameters."""
+    rows, width = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(width), (rows, width))
+    causal = jnp.arange(context)[None, :] <= jnp.arange(width)[:, None]
+    mask = jnp.broadcast_to(causal, (rows, width, context))
+    logits, cache = model.forward_cached(
+        tokens, positions, mask, model.init_cache(rows, context), 0
+    )
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+
+    def put(full, new):
+        return full.at[index].set(new.astype(full.dtype), mode="drop")
+
+    return EngineState(
+        jax.tree.map(put, s.cache, cache),
+        put(s.logits, last),
+        put(s.length, lengths),
+        put(s.drawn, drawn),
+        put(s.remaining, remaining),
+        put(s.seeds, seeds),
+        jax.tree.map(put, s.params, params),
+    )
