@@ -1,0 +1,113 @@
+"""Serves a trained workdir over HTTP: OpenAI's completions API, metrics, a playground.
+
+python -m charlm_jax.serve --workdir=runs/default --port=8000
+curl localhost:8000/v1/completions -H 'Content-Type: application/json' \
+    -d '{"prompt": "ROMEO:", "max_tokens": 100, "temperature": 0.8}'
+
+SIGTERM or Ctrl-C drains: /ready answers 503 and new requests are refused, running ones get
+up to --grace_period seconds to finish, then the process exits 0 (a second Ctrl-C stops at
+once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+import uvicorn
+from absl import app, flags, logging
+
+from charlm_jax import cli
+from charlm_jax.server.app import create_app
+from charlm_jax.server.service import ServeOptions, Service
+
+flags.DEFINE_string("workdir", None, "A trained run's directory.", required=True)
+flags.DEFINE_string("checkpoint", "best", 'Checkpoint: "best", "latest" or a step number.')
+flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
+flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
+flags.DEFINE_integer("num_slots", 16, "Sequences decoded together (the engine's batch).")
+flags.DEFINE_integer("max_queue", 256, "Sequences allowed to wait for a slot; more get 429.")
+flags.DEFINE_float("request_timeout", 60.0, "Seconds a request may take, waiting included.")
+flags.DEFINE_integer("max_tokens_limit", 2048, "The largest max_tokens a request may ask for.")
+flags.DEFINE_bool("log_prompts", False, "Put each request's prompts in its log line.")
+flags.DEFINE_string("quantize", "none", 'Weights as loaded ("none").')
+flags.DEFINE_float("grace_period", 30.0, "Seconds running requests get to finish on SIGTERM.")
+flags.DEFINE_integer("cache_entries", 1024, "Output cache: most completions kept.")
+flags.DEFINE_integer("cache_mb", 64, "Output cache: most megabytes kept.")
+FLAGS = flags.FLAGS
+
+
+class DrainingServer(uvicorn.Server):
+    """Uvicorn whose SIGTERM / Ctrl-C first drains the service, then exits (uvicorn's own
+    handlers would stop listening at once, and re-raise the signal after shutdown)."""
+
+    def __init__(self, config: uvicorn.Config, service: Service, grace_period: float):
+        super().__init__(config)
+        self.service, self.grace_period = service, grace_period
+        self._drain: asyncio.Task | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self._drain is None:
+            logging.info(
+                "draining (%s): up to %.0fs for running requests",
+                signal.Signals(sig).name,
+                self.grace_period,
+            )
+            self._drain = asyncio.ensure_future(self._drain_then_exit())
+        elif sig == signal.SIGINT:
+            self.should_exit = self.force_exit = True
+
+    async def _drain_then_exit(self) -> None:
+        await self.service.drain(self.grace_period)
+        self.should_exit = True
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.quiet_library_logs()
+    options = ServeOptions(
+        max_queue=FLAGS.max_queue,
+        request_timeout=FLAGS.request_timeout,
+        max_tokens_limit=FLAGS.max_tokens_limit,
+        log_prompts=FLAGS.log_prompts,
+        cache_entries=FLAGS.cache_entries,
+        cache_bytes=FLAGS.cache_mb << 20,
+    )
+    try:
+        checkpoint = int(FLAGS.checkpoint) if FLAGS.checkpoint.isdigit() else FLAGS.checkpoint
+        service = Service.from_workdir(
+            Path(FLAGS.workdir), checkpoint, FLAGS.num_slots, FLAGS.quantize, options
+        )
+    except ValueError as e:  # UserError is one
+        sys.exit(f"error: {e}")
+    logging.info("serving %s on http://%s:%d", service.info.id, FLAGS.host, FLAGS.port)
+    config = uvicorn.Config(
+        create_app(service),
+        host=FLAGS.host,
+        port=FLAGS.port,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    server = DrainingServer(config, service, FLAGS.grace_period)
+    server.run()
+    if not server.started:
+        sys.exit(1)  # uvicorn said why (the port is taken, ...)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.flags_parser())
