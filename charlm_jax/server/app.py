@@ -98,8 +98,8 @@ async def _stream(job: Job) -> AsyncIterator[str]:
     closed connection cancels this generator, which cancels the job's sequences."""
     status = CLIENT_GONE
     try:
-        async for delta in job.deltas():
-            yield protocol.sse(job.chunk([delta]))
+        async for deltas in job.deltas():
+            yield "".join(protocol.sse(job.chunk([delta])) for delta in deltas)
         options = job.body.stream_options
         if options is not None and options.include_usage:
             yield protocol.sse(job.chunk([], job.result["usage"]))

@@ -3,17 +3,19 @@ several servers can live in one process (the tests)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 INTER_TOKEN_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.5, 1)
 
 
 class Metrics:
-    """Requests by status, queue and batch sizes, tokens, latencies and cache use."""
+    """Requests by status, queue and batch sizes, tokens, latencies and cache use, and the
+    process's memory and CPU time (process_*)."""
 
     def __init__(self, num_slots: int):
         self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)
         self.requests = Counter(
             "charlm_requests", "Completion requests by HTTP status", ["status"], registry=r
         )

@@ -144,6 +144,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.metrics = metrics
         self.ready = False  # compiled and serving
+        self.failure: str | None = None  # why the engine thread ended early
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: dict[int, Sequence] = {}
         self._cond = threading.Condition()
@@ -184,9 +185,10 @@ class Scheduler:
     def _run(self) -> None:
         try:
             self._warm_up()
-        except Exception:
+        except Exception as e:  # the service then answers 503 naming it
             logging.exception("engine warm-up failed")
-            raise
+            self.failure = f"the engine failed to start: {e!r}"
+            return
         self.ready = True
         while (admitted := self._next_admissions()) is not None:
             for seq in admitted:

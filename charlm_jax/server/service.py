@@ -4,6 +4,7 @@ sequences in the scheduler, the pieces they send back, the cache, the log line."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import secrets
 import time
@@ -90,6 +91,8 @@ class Service:
 
     @property
     def status(self) -> str:
+        if self.scheduler.failure:
+            return "failed"
         if self.draining:
             return "draining"
         return "ready" if self.scheduler.ready else "warming up"
@@ -120,6 +123,8 @@ class Service:
                 param="model",
                 code="model_not_found",
             )
+        if self.scheduler.failure:
+            raise ApiError(503, self.scheduler.failure)
         if self.draining:
             raise ApiError(503, "the server is shutting down")
         key = body.cache_key(self.info.id, self.info.step, self.info.quantize)
@@ -194,7 +199,8 @@ class Job:
         loop = asyncio.get_running_loop()
 
         def emit(piece: Piece) -> None:  # from the engine thread
-            loop.call_soon_threadsafe(self.queue.put_nowait, piece)
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
+                loop.call_soon_threadsafe(self.queue.put_nowait, piece)
 
         prompts = [service.encode(p) for p in body.prompts]
         self.record.prompt_tokens = sum(len(p) for p in prompts)
@@ -231,12 +237,12 @@ class Job:
             self.record.id, self.created, self.service.info.id, choices, usage
         )
 
-    async def deltas(self) -> AsyncIterator[dict]:
-        """Yields the choices' new text as stream-chunk choices; `self.result` then holds
-        the whole completion (choices and usage). Raises ApiError if a sequence failed."""
+    async def deltas(self) -> AsyncIterator[list[dict]]:
+        """Yields the choices' new text as lists of stream-chunk choices (what has come
+        since the last list); `self.result` then holds the whole completion (choices and
+        usage). Raises ApiError if a sequence failed."""
         if self.cached:
-            for choice in self.cached["choices"]:
-                yield choice
+            yield self.cached["choices"]
             self.result = self.cached
             self.record.completion_tokens = self.cached["usage"]["completion_tokens"]
             return
@@ -248,17 +254,21 @@ class Job:
         if body.echo:
             for c, choice in enumerate(choices):
                 choice["text"] = body.prompts[c // body.n]
-                yield dict(choice)
+            yield [dict(choice) for choice in choices]
         left, tokens = len(choices), 0
         while left:
-            piece = await self.queue.get()
-            if piece.error:
-                raise piece.error
-            delta = self._delta(piece)
-            _merge(choices[piece.index], delta)
-            if piece.finish_reason:
-                left, tokens = left - 1, tokens + piece.tokens
-            yield delta
+            pieces = [await self.queue.get()]
+            while not self.queue.empty():  # what the engine thread sent meanwhile
+                pieces.append(self.queue.get_nowait())
+            deltas = []
+            for piece in pieces:
+                if piece.error:
+                    raise piece.error
+                deltas.append(self._delta(piece))
+                _merge(choices[piece.index], deltas[-1])
+                if piece.finish_reason:
+                    left, tokens = left - 1, tokens + piece.tokens
+            yield deltas
         self.record.completion_tokens = tokens
         self.result = {
             "choices": choices,
