@@ -34,7 +34,9 @@ import httpx
 import numpy as np
 from absl import app, flags
 
+from charlm_jax import checkpoints
 from charlm_jax.data import embedded_tiny_shakespeare
+from charlm_jax.engine import Engine, Request
 
 flags.DEFINE_string("url", None, "A running server (http://HOST:PORT); or --workdir.")
 flags.DEFINE_string("workdir", None, "Start a server of its own on this trained workdir.")
@@ -181,10 +183,6 @@ def server_rss_mb(url: str) -> float | None:
 def engine_tokens_per_second(workdir: str, bodies: list[dict], repeats: int = 3) -> float:
     """The engine alone: all `bodies` inserted at once (batch = their number), the median
     tokens/s over `repeats` runs after one warm-up run."""
-    from charlm_jax.engine import Engine, Request
-
-    from charlm_jax import checkpoints
-
     model, tokenizer, config = checkpoints.load_model(workdir)
     engine = Engine(model, config.data.sequence_length, num_slots=len(bodies))
     requests = [

@@ -95,12 +95,9 @@ class Sequence:
 
     def _stop_position(self, before: int) -> int | None:
         """Where the first stop string ending after `before` starts, if one does."""
-        found = []
-        for stop in self.stops:
-            pos = self.text.find(stop, max(0, before - len(stop) + 1))
-            if pos >= 0:
-                found.append(pos)
-        return min(found, default=None)
+        start = max(0, before - max(map(len, self.stops)) + 1)
+        found = engine.stop_position(self.text[start:], self.stops)
+        return None if found is None else start + found
 
     def _held_back(self) -> int:
         """Length of the longest end of the text that could start a stop string."""
