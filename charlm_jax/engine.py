@@ -17,6 +17,10 @@ Exactness: every computation on a slot reads only that slot's rows, and its nois
 its own seed and counter, so a request gives the same tokens in any slot, beside any
 neighbours, inserted at any time (tests/test_engine.py). Prefills are batched by length
 bucket; a prefill's padding sits after the prompt, where causal attention never looks.
+
+Token choice, per slot: top-k filtering, then top-p (nucleus) on the remaining
+probabilities, then temperature; temperature 0 is greedy. A slot's n-th draw uses Gumbel
+noise hashed from its seed and n.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from charlm_jax.sampling import SamplingParams, check_sampling_args, choose_tokens
+from charlm_jax import models
 
 TOP_LOGPROBS = 5  # alternatives reported per token
 # Tokens per jitted call: enough to amortise the dispatch and the host's bookkeeping (each
@@ -38,6 +42,69 @@ TOP_LOGPROBS = 5  # alternatives reported per token
 # and that a finished or full slot idles little until the call ends (docs/decoding.md).
 STEPS_PER_CALL = 16
 MIN_PREFILL = 8  # the narrowest prefill: fewer compiled shapes, little waste
+
+
+class SamplingParams(NamedTuple):
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+
+
+def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_tokens: int):
+    """Raises ValueError naming the first bad argument."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Sets to -inf the logits (vocab,) outside the top k (k=0: all), then outside the
+    smallest set of the remaining tokens whose probability reaches top_p."""
+    vocab = logits.shape[-1]
+    descending = -jnp.sort(-logits)
+    keep_k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    descending = jnp.where(jnp.arange(vocab) < keep_k, descending, -jnp.inf)
+    probs = jax.nn.softmax(descending)
+    within_p = jnp.sum(jnp.cumsum(probs) - probs < top_p)  # >= 1: the top token always stays
+    # The float32 cumsum can end just under 1, which would count the tokens top-k removed.
+    keep = jnp.where(top_p < 1, jnp.minimum(within_p, keep_k), keep_k)
+    threshold = descending[keep - 1]
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def gumbel_noise(seed: jax.Array, step: jax.Array, size: int) -> jax.Array:
+    """Standard Gumbel noise (size,) for a row's draw number `step`, from the row's `seed`
+    (two uint32) through a hashed counter: no threefry per token (nanogpt_baby batch 1
+    decoding: 4.3-4.7k -> 5.2-6.1k tokens/s)."""
+    bits = models.hashed_bits(seed, (size,), offset=step.astype(jnp.uint32) * size)
+    uniform = ((bits >> 8).astype(jnp.float32) + 0.5) * 2.0**-24  # 24 bits, in (0, 1)
+    return -jnp.log(-jnp.log(uniform))
+
+
+def choose_tokens(
+    logits: jax.Array, seeds: jax.Array, steps: jax.Array, params: SamplingParams
+) -> jax.Array:
+    """Each row's next token from its logits (rows, vocab): its `steps[row]`-th draw with
+    its `seeds[row]` and its own sampling parameters (arrays of (rows,))."""
+    logits = logits.astype(jnp.float32)
+    need = (params.top_k > 0) | (params.top_p < 1)
+    filtered = jax.lax.cond(  # plain sampling skips the sort and cumsum; a row that needs
+        jnp.any(need),  # no filter keeps its logits exactly whatever its neighbours need
+        lambda: jnp.where(
+            need[:, None], jax.vmap(filter_logits)(logits, params.top_k, params.top_p), logits
+        ),
+        lambda: logits,
+    )
+    temperature = jnp.maximum(params.temperature, 1e-6)[:, None]
+    noise = jax.vmap(gumbel_noise, (0, 0, None))(seeds, steps, logits.shape[-1])
+    sampled = jnp.argmax(filtered / temperature + noise, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1)
+    return jnp.where(params.temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)

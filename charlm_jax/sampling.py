@@ -1,19 +1,15 @@
-"""Sampling from a trained model: the whole decode loop runs in one jitted function.
+"""Sampling text from a trained model: `Sampler`, text in and text out.
 
-Prompts of different lengths share one batch: each row is right-aligned in a token buffer of
-the model's context length, the slots before it are masked out, and its positions count from
-its own first character, so every row decodes exactly as it would alone. The Transformer
-keeps a KV cache (the prompt is prefilled once, then one token per step); the MLP's cache is
-the token buffer.
+Sampling runs on the decode engine (charlm_jax/engine.py): each prompt is one request in a
+slot, with the engine's context policy (when a text fills the model's context, its oldest
+half is dropped and the cache rebuilt from the rest) and token choice. Row i of a call with
+`seed` s is the request with seed s + i * 2**32, so the same seed gives the same texts and a
+row's text does not depend on the others in its call.
 
-Context policy: when a row's text fills the model's context, its oldest half is dropped and
-the cache is rebuilt from the rest in one prefill (positions then count from the kept
-text's start), so every prediction sees at least half a context of text. Within the context,
-cached decoding equals running the model on the whole text.
-
-Token choice, per row: top-k filtering, then top-p (nucleus) on the remaining probabilities,
-then temperature; temperature 0 is greedy. Row r draws from fold_in(fold_in(seed, r), step),
-so the same seed gives the same text and a row's text does not depend on its batch.
+Beam search keeps its own loop (`run_steps`): its beams reorder their caches at every step.
+Prompts of different lengths share one batch there: each row is right-aligned in a token
+buffer of the model's context length, the slots before it are masked out, and its positions
+count from its own first character.
 """
 
 from __future__ import annotations
@@ -28,12 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from charlm_jax import checkpoints, models
+from charlm_jax import checkpoints
+from charlm_jax.engine import STEPS_PER_CALL, Engine, Request, check_sampling_args
 from charlm_jax.tokenizers import Tokenizer
 
-STREAM_CHUNK = 16  # tokens per jitted call when streaming
-MIN_OUTPUT_BUCKET = 64  # output buffers are sized to powers of two from here
-# XLA options of the decode loops. Region analysis lets XLA:CPU update the KV cache in place
+STREAM_CHUNK = 16  # tokens per chunk when the generate CLI streams
+MAX_SLOTS = 64  # the most rows a Sampler decodes at once; more prompts wait for a slot
+MIN_OUTPUT_BUCKET = 64  # beam search's output buffers are sized to powers of two from here
+# XLA options of the beam search loop. Region analysis lets XLA:CPU update the KV cache in place
 # at each step; without it every layer's cache was copied before each update (with the
 # attention change in models.py, nanogpt at batch 1: 348-372 -> 411-508 tokens/s on a
 # 2-core CPU, docs/performance.md).
@@ -47,90 +45,6 @@ class DecodeState(NamedTuple):
     cache: object  # the model's cache pytree
     logits: jax.Array  # (batch, vocab) logits of the next token
     step: jax.Array  # () tokens generated so far
-
-
-class SamplingParams(NamedTuple):
-    temperature: jax.Array
-    top_k: jax.Array
-    top_p: jax.Array
-
-
-def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_tokens: int):
-    """Raises ValueError naming the first bad argument."""
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-
-
-def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Sets to -inf the logits (vocab,) outside the top k (k=0: all), then outside the
-    smallest set of the remaining tokens whose probability reaches top_p."""
-    vocab = logits.shape[-1]
-    descending = -jnp.sort(-logits)
-    keep_k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    descending = jnp.where(jnp.arange(vocab) < keep_k, descending, -jnp.inf)
-    probs = jax.nn.softmax(descending)
-    within_p = jnp.sum(jnp.cumsum(probs) - probs < top_p)  # >= 1: the top token always stays
-    # The float32 cumsum can end just under 1, which would count the tokens top-k removed.
-    keep = jnp.where(top_p < 1, jnp.minimum(within_p, keep_k), keep_k)
-    threshold = descending[keep - 1]
-    return jnp.where(logits >= threshold, logits, -jnp.inf)
-
-
-def gumbel_noise(seed: jax.Array, step: jax.Array, size: int) -> jax.Array:
-    """Standard Gumbel noise (size,) for a row's draw number `step`, from the row's `seed`
-    (two uint32) through a hashed counter: no threefry per token (nanogpt_baby batch 1
-    decoding: 4.3-4.7k -> 5.2-6.1k tokens/s)."""
-    bits = models.hashed_bits(seed, (size,), offset=step.astype(jnp.uint32) * size)
-    uniform = ((bits >> 8).astype(jnp.float32) + 0.5) * 2.0**-24  # 24 bits, in (0, 1)
-    return -jnp.log(-jnp.log(uniform))
-
-
-def row_seeds(key: jax.Array, rows: int) -> jax.Array:
-    """(rows, 2) uint32 sampling seeds; row i's depends on i, not on the batch size."""
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(rows))
-    return jax.vmap(models.hash_seed)(keys)
-
-
-def choose_token(
-    logits: jax.Array, seed: jax.Array, step: jax.Array, params: SamplingParams
-) -> jax.Array:
-    """One row's next token from its logits (vocab,): its `step`-th draw with its `seed`."""
-    logits = logits.astype(jnp.float32)
-    filtered = jax.lax.cond(  # plain sampling skips the sort and cumsum (nanogpt_baby,
-        (params.top_k > 0) | (params.top_p < 1),  # batch 16: 11.7k -> 13.0k tokens/s)
-        lambda: filter_logits(logits, params.top_k, params.top_p),
-        lambda: logits,
-    )
-    temperature = jnp.maximum(params.temperature, 1e-6)
-    sampled = jnp.argmax(filtered / temperature + gumbel_noise(seed, step, logits.shape[-1]))
-    return jnp.where(params.temperature > 0, sampled, jnp.argmax(logits)).astype(jnp.int32)
-
-
-def choose_tokens(
-    logits: jax.Array, seeds: jax.Array, steps: jax.Array, params: SamplingParams
-) -> jax.Array:
-    """Each row's next token from its logits (rows, vocab): its `steps[row]`-th draw with
-    its `seeds[row]` and its own sampling parameters (arrays of (rows,))."""
-    logits = logits.astype(jnp.float32)
-    need = (params.top_k > 0) | (params.top_p < 1)
-    filtered = jax.lax.cond(  # plain sampling skips the sort and cumsum; a row that needs
-        jnp.any(need),  # no filter keeps its logits exactly whatever its neighbours need
-        lambda: jnp.where(
-            need[:, None], jax.vmap(filter_logits)(logits, params.top_k, params.top_p), logits
-        ),
-        lambda: logits,
-    )
-    temperature = jnp.maximum(params.temperature, 1e-6)[:, None]
-    noise = jax.vmap(gumbel_noise, (0, 0, None))(seeds, steps, logits.shape[-1])
-    sampled = jnp.argmax(filtered / temperature + noise, axis=-1)
-    greedy = jnp.argmax(logits, axis=-1)
-    return jnp.where(params.temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
 def _attention_inputs(query_slots: jax.Array, pad: jax.Array, num_slots: int):
@@ -241,22 +155,12 @@ class Sampler:
         self.context_length = context_length
         graphdef, self._state = nnx.split(model)
         self._start_id = int(tokenizer.encode("\n")[0]) if "\n" in tokenizer.chars else 0
+        self._engines: dict[tuple[int, int], Engine] = {}
 
         def start(state, tokens, filled, pad):
             model = nnx.merge(graphdef, state)
             cache, logits = prefill(model, tokens, filled, pad)
             return DecodeState(tokens, filled, pad, cache, logits, jnp.int32(0))
-
-        def decode(state, dstate, seeds, params, num_steps, out_len):
-            def choose(i, dstate, out):
-                token = jax.vmap(choose_token, (0, 0, None, None))(
-                    dstate.logits, seeds, dstate.step, params
-                )
-                out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
-                return dstate, out, token
-
-            out = jnp.zeros((dstate.tokens.shape[0], out_len), jnp.int32)
-            return run_steps(nnx.merge(graphdef, state), dstate, out, num_steps, choose)
 
         def beam(state, dstate, num_steps, out_len):
             beams = dstate.tokens.shape[0]
@@ -284,12 +188,6 @@ class Sampler:
 
         self._token_log_probs = jax.jit(token_log_probs)
         self._start = jax.jit(start)
-        self._decode = jax.jit(
-            decode,
-            static_argnames="out_len",
-            donate_argnums=1,
-            compiler_options=DECODE_COMPILER_OPTIONS,
-        )
         self._beam = jax.jit(
             beam, static_argnames="out_len", compiler_options=DECODE_COMPILER_OPTIONS
         )
@@ -300,18 +198,17 @@ class Sampler:
         model, tokenizer, config = checkpoints.load_model(workdir, checkpoint)
         return cls(model, tokenizer, config.data.sequence_length)
 
-    def _encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, int, np.ndarray]:
-        length = self.context_length
-        rows = []
-        for prompt in prompts:
-            ids = self.tokenizer.encode(prompt) if prompt else np.array([self._start_id])
-            rows.append(ids[-length:])  # a longer prompt keeps its last `length` tokens
-        filled = max(len(r) for r in rows)
-        tokens = np.zeros((len(rows), length), np.int32)
-        pad = np.array([filled - len(r) for r in rows], np.int32)
-        for row, (ids, p) in enumerate(zip(rows, pad, strict=True)):
-            tokens[row, p:filled] = ids
-        return tokens, filled, pad
+    def engine(self, rows: int, steps_per_call: int | None = None) -> Engine:
+        """The engine this Sampler decodes `rows` prompts with: min(MAX_SLOTS, the next power
+        of two) slots (one engine, compiled once, per size)."""
+        slots = min(MAX_SLOTS, 1 << max(rows - 1, 0).bit_length())
+        key = (slots, steps_per_call or STEPS_PER_CALL)
+        if key not in self._engines:
+            self._engines[key] = Engine(self.model, self.context_length, *key)
+        return self._engines[key]
+
+    def _prompt_ids(self, prompt: str) -> np.ndarray:
+        return self.tokenizer.encode(prompt) if prompt else np.array([self._start_id])
 
     def stream(
         self,
@@ -323,21 +220,31 @@ class Sampler:
         seed: int = 0,
         chunk: int | None = None,
     ) -> Iterator[list[str]]:
-        """Yields, per chunk of steps, the new text of each row (the continuations only)."""
+        """Yields the new text of each row (the continuations only) as the engine produces
+        it; with `chunk`, in pieces of exactly `chunk` tokens per row (the last shorter)."""
         check_sampling_args(temperature, top_k, top_p, max_new_tokens)
-        if not prompts:
+        if not prompts or not max_new_tokens:
             return
-        tokens, filled, pad = self._encode_prompts(prompts)
-        dstate = self._start(self._state, tokens, np.int32(filled), pad)
-        seeds = row_seeds(jax.random.key(seed), len(prompts))
-        params = SamplingParams(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
-        out_len = _bucket(max_new_tokens) if chunk is None else chunk
-        done = 0
-        while done < max_new_tokens:
-            n = min(out_len, max_new_tokens - done)
-            dstate, out = self._decode(self._state, dstate, seeds, params, n, out_len=out_len)
-            yield [self.tokenizer.decode(row[:n]) for row in np.asarray(out)]
-            done += n
+        requests = [
+            Request(
+                self._prompt_ids(p), max_new_tokens, temperature, top_k, top_p, seed + i * 2**32
+            )
+            for i, p in enumerate(prompts)
+        ]
+        ids: list[list[int]] = [[] for _ in prompts]  # produced, not yet yielded
+        left = max_new_tokens  # tokens per row not yet yielded, with `chunk`
+        for outputs in self.engine(len(prompts), chunk).generate(requests):
+            for i, out in outputs:
+                ids[i] += out.tokens.tolist()
+            if chunk is None:
+                yield [self.tokenizer.decode(row) for row in ids]
+                ids = [[] for _ in prompts]
+            # A chunk goes out once every row has it (rows pause at different steps to
+            # rebuild their caches).
+            while chunk and left and min(map(len, ids)) >= min(chunk, left):
+                n = min(chunk, left)
+                yield [self.tokenizer.decode(row[:n]) for row in ids]
+                ids, left = [row[n:] for row in ids], left - n
 
     def generate(
         self,
@@ -374,6 +281,17 @@ class Sampler:
         if stop:
             texts = [t.split(stop, 1)[0] for t in texts]
         return texts
+
+    def _encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, int, np.ndarray]:
+        """Beam search's buffer: the prompts right-aligned in a buffer of the context."""
+        length = self.context_length
+        rows = [self._prompt_ids(p)[-length:] for p in prompts]  # a longer prompt keeps its end
+        filled = max(len(r) for r in rows)
+        tokens = np.zeros((len(rows), length), np.int32)
+        pad = np.array([filled - len(r) for r in rows], np.int32)
+        for row, (ids, p) in enumerate(zip(rows, pad, strict=True)):
+            tokens[row, p:filled] = ids
+        return tokens, filled, pad
 
     def beam_search(self, prompt: str, beam_size: int, max_new_tokens: int) -> str:
         """The continuation of `max_new_tokens` tokens with the highest total

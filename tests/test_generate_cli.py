@@ -62,8 +62,8 @@ def test_interactive_session(workdir):
     assert "error: temperature must be >= 0" in out
     assert "error: invalid literal for int() with base 10: 'many'" in out
     assert out.count("Commands:") == 4  # at start, after each bad command, on `help`
-    answer = next(line for line in out.splitlines() if "ROMEO:" in line)
-    assert len(answer.split("ROMEO:", 1)[1]) == 12
+    answer = out.split("ROMEO:", 1)[1].split("\n\n> ", 1)[0]  # it may hold newlines
+    assert len(answer) == 12
 
 
 @pytest.mark.parametrize(
