@@ -1,9 +1,12 @@
-"""What the command-line entry points share: flag parsing that fails in one line."""
+"""What the command-line entry points share: flag parsing that fails in one line, quiet
+library logs, and signals that stop a run cleanly."""
 
 from __future__ import annotations
 
 import logging as pylogging
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from absl import flags, logging
@@ -52,3 +55,32 @@ def flags_parser(check: Callable[[], object] | None = None) -> Callable[[list[st
         return remaining
 
     return parse
+
+
+class StopSignals:
+    """While active (in the main thread), a SIGINT or SIGTERM asks a run to checkpoint and
+    stop: `requested()` then says why ("interrupted by SIGTERM"); a second signal stops at
+    once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self._received: str | None = None
+        self._previous: dict = {}
+
+    def requested(self) -> str | None:
+        return self._received and f"interrupted by {self._received}"
+
+    def _handle(self, signum, frame):
+        if self._received:
+            raise KeyboardInterrupt
+        self._received = signal.Signals(signum).name
+        logging.warning("%s received: saving a checkpoint, then stopping", self._received)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -38,13 +38,15 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.quiet_library_logs()
     try:
+        train.validate(FLAGS.config)  # before JAX starts or waits for other processes
         parallel.one_cpu_device_per_core(FLAGS.config.train.batch_size)
         parallel.initialize_distributed(
             FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
             FLAGS.coordinator_timeout,
         )  # fmt: skip
         parallel.warn_if_gpu_wheel_unused()
-        summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        with cli.StopSignals() as signals:
+            summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, signals.requested)
     except UserError as e:
         sys.exit(f"error: {e}")
     if summary["stop_reason"].startswith("interrupted"):

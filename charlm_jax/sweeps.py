@@ -31,7 +31,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 import charlm_jax
-from charlm_jax import checkpoints, cli, plotting
+from charlm_jax import checkpoints, cli, plotting, train
 from charlm_jax.errors import UserError
 
 PRESET_KEY = "preset"  # a swept key that picks the config file's preset
@@ -129,8 +129,9 @@ def expand_grid(config: str, sweeps: Sequence[str], sets: Sequence[str] = ()) ->
 
 
 def load_config(run: Run) -> ml_collections.ConfigDict:
-    """The run's config, parsed exactly as `python -m charlm_jax.main` parses its flags;
-    a bad config file, preset, key or value raises UserError in one line."""
+    """The run's config, parsed exactly as `python -m charlm_jax.main` parses its flags and
+    validated as it validates them (`train.validate`); a bad config file, preset, key or
+    value, or a config that cannot train, raises UserError in one line."""
     argv = ["sweep", *run.flags()]
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file(
@@ -138,9 +139,14 @@ def load_config(run: Run) -> ml_collections.ConfigDict:
     )
     try:
         flag_values(argv)
-        return flag_values.config
+        config = flag_values.config
     except Exception as e:  # absl and ml_collections raise many types
         raise UserError(f"run {run.name}: {cli.flag_error_message(e)}") from None
+    try:
+        train.validate(config)
+    except UserError as e:
+        raise UserError(f"run {run.name}: {e}") from None
+    return config
 
 
 def is_finished(workdir: Path, config: ml_collections.ConfigDict) -> bool:
@@ -222,8 +228,8 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def run_sweep(runs: Sequence[Run], workdir: str | Path, jobs: int = 1) -> list[dict]:
-    """Validates every run's config, then trains the unfinished runs (`jobs` at a time) and
-    writes the results table and plots. Returns the table's rows, best first.
+    """Validates every run's config (`load_config`), then trains the unfinished runs (`jobs`
+    at a time) and writes the results table and plots. Returns the table's rows, best first.
 
     A failed run is recorded with its error and the others go on; Ctrl-C stops the running
     ones (they checkpoint, and resume when the sweep runs again) and raises KeyboardInterrupt

@@ -11,15 +11,13 @@ resumed run sees exactly the batches an uninterrupted one would. Corpora kept of
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import itertools
-import json
 import math
-import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -27,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import tqdm
 from absl import logging
 from clu import parameter_overview
@@ -34,15 +33,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from charlm_jax import checkpoints, data, models, parallel, plotting
+from charlm_jax import workdir as workdir_lib
 from charlm_jax.errors import UserError
 from charlm_jax.metrics import MetricsLog, TrainMetrics, bits_per_character
-from charlm_jax.tokenizers import create_tokenizer, load_tokenizer
+from charlm_jax.tokenizers import Tokenizer, create_tokenizer, load_tokenizer
 
 LOSS_CURVE_FILE = "loss_curve.png"
-
-# Fields that must match to resume from a workdir's checkpoints (the state's shapes).
-RESUME_FIELDS = ("model.", "data.sequence_length")
-RESUME_FREE = ("model.dtype", "model.remat")  # how the model computes, not what it holds
 
 
 def create_optimizer(
@@ -110,13 +106,12 @@ def make_train_step(
     opt_def: nnx.GraphDef,
     shardings: tuple,
     mesh: Mesh,
-    batch_size: int,
-    sequence_length: int,
-    grad_accum_steps: int = 1,
+    config: ml_collections.ConfigDict,
     on_device: bool = True,
-    deterministic: bool = True,
 ) -> Callable:
-    """(model_state, opt_state, batch_data, key) -> (model_state, opt_state, metrics), jitted.
+    """(model_state, opt_state, batch_data, key) -> (model_state, opt_state, metrics), jitted,
+    for `config`'s batch size, sequence length, `train.grad_accum_steps` and
+    `train.deterministic`.
 
     `batch_data` is all the training tokens (`on_device`: the step draws its batch), or the
     step's (inputs, targets), drawn on the host from the same key (`data.HostBatches`).
@@ -125,9 +120,11 @@ def make_train_step(
     (the same ones a k-times larger batch would), averages their gradients over k
     micro-batches, and makes one update. `deterministic`: bitwise-reproducible steps on GPUs
     (XLA:GPU otherwise adds some gradients up with atomics, in an order that varies from run
-    to run), which exact resume needs; the nanogpt step on an H200 costs 13.4 -> 18.0 ms.
+    to run), which exact resume needs; it makes GPU steps slower (docs/performance.md).
     No effect on CPUs.
     """
+    batch_size, sequence_length = config.train.batch_size, config.data.sequence_length
+    grad_accum_steps = config.train.grad_accum_steps
 
     def loss_and_grads(model_state, inputs, targets, dropout_key):
         def loss_fn(model):
@@ -183,7 +180,7 @@ def make_train_step(
         in_shardings=(model_sh, opt_sh, batch_sh, replicated),
         out_shardings=(model_sh, opt_sh, replicated),
         donate_argnums=(0, 1),
-        compiler_options={"xla_gpu_deterministic_ops": deterministic},
+        compiler_options={"xla_gpu_deterministic_ops": config.train.deterministic},
     )
 
 
@@ -192,15 +189,11 @@ def build_training(
 ) -> tuple[Callable, nnx.GraphDef, nnx.State, nnx.State, optax.Schedule]:
     """Everything `config` trains with: (the jitted train step, model_def, model_state,
     opt_state, the learning-rate schedule), the states laid out on `mesh`."""
-    tc = config.train
-    tx, schedule = create_optimizer(tc)
+    tx, schedule = create_optimizer(config.train)
     model_def, opt_def, model_state, opt_state, shardings = init_train_state(
         config, vocab_size, tx, mesh
     )
-    step = make_train_step(
-        model_def, opt_def, shardings, mesh, tc.batch_size, config.data.sequence_length,
-        tc.grad_accum_steps, on_device, tc.deterministic,
-    )  # fmt: skip
+    step = make_train_step(model_def, opt_def, shardings, mesh, config, on_device)
     return step, model_def, model_state, opt_state, schedule
 
 
@@ -237,78 +230,6 @@ def make_eval_step(
     return jax.jit(eval_step)
 
 
-def _prepare_workdir(workdir: str | Path) -> Path:
-    if not str(workdir):
-        raise UserError("--workdir is empty")
-    workdir = Path(workdir).expanduser()
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write_test{jax.process_index()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
-    return workdir
-
-
-def _flat(config: ml_collections.ConfigDict) -> dict:
-    """{"model.num_layers": 4, ...} for every leaf field."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            flat.update({f"{key}.{k}": v for k, v in _flat(value).items()})
-        else:
-            flat[key] = value
-    return flat
-
-
-def _check_resumable(config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict, workdir):
-    now, there = _flat(config), _flat(saved)
-    differing = [
-        f"{name}: {there.get(name)!r} there, {now.get(name)!r} now"
-        for name in sorted(set(now) | set(there))
-        if name.startswith(RESUME_FIELDS)
-        and name not in RESUME_FREE
-        and now.get(name) != there.get(name)
-    ]
-    if differing:
-        raise UserError(
-            f"workdir {workdir} holds checkpoints of a different model ({'; '.join(differing)}); "
-            "use a new --workdir, or the same config to resume"
-        )
-
-
-def _format_duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
-
-
-class _StopSignals:
-    """While active, SIGINT and SIGTERM ask the loop to checkpoint and stop; a second one
-    stops at once."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame):
-        if self.received:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-        logging.warning("%s received: saving a checkpoint, then stopping", self.received)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def evals_without_improvement(val_losses: list[float], min_delta: float) -> int:
     """Evaluations since the last one that beat every earlier loss by more than min_delta."""
     best, since = math.inf, 0
@@ -320,223 +241,320 @@ def evals_without_improvement(val_losses: list[float], min_delta: float) -> int:
     return since
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Trains the configured model, evaluating and checkpointing every `train.eval_every`
-    steps, and returns (and writes to DIR/summary.json) a summary of the run.
-
-    A workdir that already holds checkpoints of the same model is resumed from its latest
-    readable one, exactly: batches and dropout derive from (seed, step).
-    """
-    wall_start = time.perf_counter()
-    workdir = _prepare_workdir(workdir)
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises UserError for a config that cannot train, before anything is loaded: a count
+    or size below 1, or a model the config does not describe (an unknown name, position or
+    norm, num_heads not dividing the width, a bad dtype)."""
     tc = config.train
-    batch_size, seq_len = tc.batch_size, config.data.sequence_length
-    tokens_per_step = batch_size * tc.grad_accum_steps * seq_len
-    positive = (tc.num_steps, tc.eval_every, tc.log_every, tc.eval_batches, batch_size, seq_len,
-                tc.grad_accum_steps)  # fmt: skip
-    if min(positive) < 1:
-        raise UserError(
-            "train.num_steps, train.eval_every, train.log_every, train.eval_batches, "
-            "train.batch_size, train.grad_accum_steps and data.sequence_length must all be "
-            "positive"
-        )
-    mesh = parallel.make_mesh()
-    parallel.check_batch_size(batch_size, mesh)
-    is_main = parallel.is_main_process()
+    sizes = {
+        "train.num_steps": tc.num_steps, "train.eval_every": tc.eval_every,
+        "train.log_every": tc.log_every, "train.eval_batches": tc.eval_batches,
+        "train.batch_size": tc.batch_size, "train.grad_accum_steps": tc.grad_accum_steps,
+        "data.sequence_length": config.data.sequence_length,
+    }  # fmt: skip
+    for name, value in sizes.items():
+        if value < 1:
+            raise UserError(f"{name} must be positive, got {value}")
+    # Builds the model abstractly (no arrays, no devices): its constructors check the rest.
+    nnx.eval_shape(lambda: models.create_model(config, 2, nnx.Rngs(0)))
 
-    manager = checkpoints.open_manager(workdir, keep_latest=max(tc.keep_checkpoints, 1))
-    resuming = bool(manager.all_steps())
+
+def _format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the loop's helpers share: the prepared run, and the counts it keeps."""
+
+    config: ml_collections.ConfigDict  # train.num_steps resolved (train.num_epochs)
+    workdir: Path
+    tokenizer: Tokenizer
+    chars_per_token: float
+    num_params: int
+    start_step: int
+    resumed: bool
+    train_step: Callable  # compiled: (model_state, opt_state, batch, key) -> (..., metrics)
+    evaluate: Callable[[nnx.State], tuple[float, float]]  # -> (train loss, val loss)
+    schedule: optax.Schedule
+    batches: Iterator  # each step's batch data
+    data_key: jax.Array
+    manager: ocp.CheckpointManager
+    log: MetricsLog
+    progress: tqdm.tqdm
+    is_main: bool
+    train_seconds: float = 0.0  # in train steps (evaluations and saves excluded)
+    timed_steps: int = 0
+    last_eval: tuple[float | None, float | None] = (None, None)  # (train loss, val loss)
+
+    @property
+    def tokens_per_step(self) -> int:
+        tc = self.config.train
+        return tc.batch_size * tc.grad_accum_steps * self.config.data.sequence_length
+
+    def val_history(self) -> list[float]:
+        return [r["val_loss"] for r in self.log.evals()]
+
+
+def _load_data(config: ml_collections.ConfigDict, workdir: Path, resuming: bool):
+    """(tokenizer, train tokens, val tokens, whether batches are drawn on the device): the
+    workdir's tokenizer when resuming, else one made from the corpus."""
     corpus = data.open_corpus(config.data)
     if resuming:
-        _check_resumable(config, checkpoints.load_config(workdir), workdir)
+        workdir_lib.check_resumable(config, workdir)
         tokenizer = load_tokenizer(workdir / checkpoints.TOKENIZER_FILE)
     else:
         train_part = corpus.chunks(1.0 - config.data.val_fraction)
         tokenizer = create_tokenizer(config.data, corpus.chunks(), train_part)
     tokens = corpus.tokens(tokenizer)
-    train_np, val_np = data.split_tokens(tokens, config.data.val_fraction, seq_len)
-    chars_per_token = data.chars_per_token(tokenizer, val_np)
-    on_device = data.batches_on_device(config.data, tokens)
-    if tc.num_epochs > 0:
-        tc.num_steps = max(1, math.ceil(tc.num_epochs * len(train_np) / tokens_per_step))
-        logging.info("%g epochs of %d tokens: %d steps", tc.num_epochs, len(train_np), tc.num_steps)
+    train_np, val_np = data.split_tokens(
+        tokens, config.data.val_fraction, config.data.sequence_length
+    )
+    return tokenizer, train_np, val_np, data.batches_on_device(config.data, tokens)
 
+
+def _with_epochs_as_steps(config: ml_collections.ConfigDict, train_tokens: int):
+    """`config`, or with `train.num_epochs` > 0 a copy whose `train.num_steps` covers them
+    (the learning-rate schedule and the saved config use it)."""
+    tc = config.train
+    if tc.num_epochs <= 0:
+        return config
+    config = copy.deepcopy(config)
+    tokens_per_step = tc.batch_size * tc.grad_accum_steps * config.data.sequence_length
+    steps = config.train.num_steps = max(
+        1, math.ceil(tc.num_epochs * train_tokens / tokens_per_step)
+    )
+    logging.info("%g epochs of %d tokens: %d steps", tc.num_epochs, train_tokens, steps)
+    return config
+
+
+def _batch_source(config, train_np, val_np, mesh, start_step: int, on_device: bool, keys):
+    """(each step's batch data, the two splits' evaluation data, the train step's batch
+    argument spec): the token arrays on the devices, or batches drawn on the host from
+    `keys`, (data key, eval key)."""
+    tc, seq_len = config.train, config.data.sequence_length
+    data_key, eval_key = keys
+    if on_device:
+        train_tokens, val_tokens = (
+            parallel.put_replicated(np.asarray(t, np.int32), mesh) for t in (train_np, val_np)
+        )
+        batches = (train_tokens for _ in itertools.count())  # closable, like HostBatches
+        return batches, (train_tokens, val_tokens), train_tokens
+    step_batch = tc.batch_size * tc.grad_accum_steps  # windows drawn per step
+    eval_data = [
+        data.host_batches(t, eval_key, tc.batch_size, seq_len, tc.eval_batches)
+        for t in (train_np, val_np)
+    ]
+    batches = data.HostBatches(
+        train_np, data_key, step_batch, seq_len, start_step, parallel.batch_sharding(mesh)
+    )
+    return batches, eval_data, (jax.ShapeDtypeStruct((step_batch, seq_len), jnp.int32),) * 2
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: Path, closing: contextlib.ExitStack):
+    """Everything a run needs before its first step, and its states: (_Run, model_state,
+    opt_state). A workdir with checkpoints is resumed from its latest readable one. What
+    must be closed after the run is entered into `closing`."""
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.train.batch_size, mesh)
+    is_main = parallel.is_main_process()
+    manager = closing.enter_context(
+        checkpoints.open_manager(workdir, keep_latest=max(config.train.keep_checkpoints, 1))
+    )  # leaving it waits for background saves to finish
+    resuming = bool(manager.all_steps())
+    tokenizer, train_np, val_np, on_device = _load_data(config, workdir, resuming)
+    config = _with_epochs_as_steps(config, len(train_np))
     train_step, model_def, model_state, opt_state, schedule = build_training(
         config, tokenizer.vocab_size, mesh, on_device
     )
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(model_state))
     logging.info(
-        "Model %s, %s parameters:\n%s",
-        config.model.name,
-        f"{num_params:,}",
+        "Model %s, %s parameters:\n%s", config.model.name, f"{num_params:,}",
         parameter_overview.get_parameter_overview(nnx.to_pure_dict(model_state)),
-    )
-
+    )  # fmt: skip
+    start_step = 0
     if resuming:
         start_step, model_state, opt_state = checkpoints.restore_latest_good(
             manager, model_state, opt_state
         )
         logging.info("Resuming from step %d in %s", start_step, workdir)
-    else:
-        if is_main:
-            checkpoints.save_run_files(workdir, config, tokenizer)
-        start_step = 0
+    elif is_main:
+        checkpoints.save_run_files(workdir, config, tokenizer)
     log = MetricsLog(workdir, start_step, read_only=not is_main)
-    val_history = [r["val_loss"] for r in log.evals()]
-    best_val = min(val_history, default=math.inf)
-
-    key = jax.random.key(tc.seed)
-    data_key, eval_key = jax.random.split(key)
-    step_batch = batch_size * tc.grad_accum_steps  # windows drawn per step
-    if on_device:
-        train_tokens, val_tokens = (
-            parallel.put_replicated(np.asarray(t, np.int32), mesh) for t in (train_np, val_np)
-        )
-        eval_data = (train_tokens, val_tokens)
-        batches = (train_tokens for _ in itertools.count())  # closable, like HostBatches
-        batch_spec = train_tokens
-    else:
-        eval_data = [
-            data.host_batches(t, eval_key, batch_size, seq_len, tc.eval_batches)
-            for t in (train_np, val_np)
-        ]
-        batches = data.HostBatches(
-            train_np, data_key, step_batch, seq_len, start_step, parallel.batch_sharding(mesh)
-        )
-        batch_spec = (jax.ShapeDtypeStruct((step_batch, seq_len), jnp.int32),) * 2
+    closing.callback(log.close)
+    data_key, eval_key = jax.random.split(jax.random.key(config.train.seed))
+    batches, eval_data, batch_spec = _batch_source(
+        config, train_np, val_np, mesh, start_step, on_device, (data_key, eval_key)
+    )
+    closing.callback(batches.close)
     train_step = train_step.lower(model_state, opt_state, batch_spec, data_key).compile()
-    eval_step = make_eval_step(model_def, mesh, batch_size, seq_len, tc.eval_batches, on_device)
+    eval_step = make_eval_step(
+        model_def, mesh, config.train.batch_size, config.data.sequence_length,
+        config.train.eval_batches, on_device,
+    )  # fmt: skip
 
-    def evaluate(state) -> tuple[float, float]:
+    def evaluate(state: nnx.State) -> tuple[float, float]:
         # The same batches at every evaluation, so successive losses compare.
         losses = [eval_step(state, split, eval_key) for split in eval_data]
         return tuple(float(x) for x in jax.device_get(losses))
 
-    train_seconds, timed_steps = 0.0, 0
-    train_loss = val_loss = None
-    stop_reason = "num_steps"
-    step, pending = start_step, []
-    logging.info("Training %d steps of %d tokens from step %d", tc.num_steps, tokens_per_step, step)
     # A progress bar on a terminal; log lines otherwise (files, CI).
     progress = tqdm.tqdm(
-        total=tc.num_steps, initial=step, unit="step", disable=not (is_main and sys.stderr.isatty())
+        total=config.train.num_steps, initial=start_step, unit="step",
+        disable=not (is_main and sys.stderr.isatty()),
+    )  # fmt: skip
+    closing.callback(progress.close)
+    run = _Run(
+        config, workdir, tokenizer, data.chars_per_token(tokenizer, val_np), num_params,
+        start_step, resuming, train_step, evaluate, schedule, batches, data_key, manager, log,
+        progress, is_main,
+    )  # fmt: skip
+    return run, model_state, opt_state
+
+
+def _log_interval(run: _Run, step: int, pending: list, tick: float) -> None:
+    """Averages the metrics of the steps since the last log (fetching them is the loop's only
+    host sync between logs), times those steps (since `tick`), and logs them."""
+    tc = run.config.train
+    fetched = jax.device_get(pending)
+    run.train_seconds += time.perf_counter() - tick
+    run.timed_steps += len(pending)
+    averaged = TrainMetrics.empty()
+    for m in fetched:
+        averaged = averaged.merge(m)
+    values = {k: float(v) for k, v in averaged.compute().items()}
+    if not math.isfinite(values["loss"]):
+        raise UserError(
+            f"training diverged: loss is {values['loss']} by step {step}; the last "
+            f"good checkpoint is step {run.manager.latest_step()}. Lower "
+            "train.learning_rate or raise train.warmup_steps"
+        )
+    step_time = run.train_seconds / run.timed_steps
+    values.update(
+        lr=float(run.schedule(step - 1)), tokens_per_sec=run.tokens_per_step / step_time,
+        tokens=step * run.tokens_per_step,
+    )  # fmt: skip
+    run.log.write(step, "train", **values)
+    if run.progress.disable and run.is_main:
+        logging.info(
+            "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s  ETA %s",
+            step, tc.num_steps, values["loss"], values["grad_norm"], values["lr"],
+            values["tokens_per_sec"], _format_duration((tc.num_steps - step) * step_time),
+        )  # fmt: skip
+    else:
+        run.progress.update(step - run.progress.n)
+        run.progress.set_postfix_str(
+            f"loss {values['loss']:.4f}  {values['tokens_per_sec']:,.0f} tok/s"
+        )
+
+
+def _evaluate_and_checkpoint(run: _Run, step: int, model_state, opt_state) -> None:
+    """Evaluates both splits, saves a checkpoint (kept if it is the best), and logs."""
+    train_loss, val_loss = run.last_eval = run.evaluate(model_state)
+    checkpoints.save(run.manager, step, model_state, opt_state, val_loss)
+    run.log.write(
+        step, "eval", train_loss=train_loss, val_loss=val_loss,
+        val_bpc=bits_per_character(val_loss, run.chars_per_token),
+        tokens=step * run.tokens_per_step,
+    )  # fmt: skip
+    if run.is_main:
+        plotting.plot_loss_curve(run.log.history, run.workdir / LOSS_CURVE_FILE, str(run.workdir))
+    logging.info(
+        "eval step %d: train loss %.4f  val loss %.4f  (best %.4f)",
+        step, train_loss, val_loss, min(run.val_history()),
+    )  # fmt: skip
+
+
+def _early_stop(train_config: ml_collections.ConfigDict, val_history: list[float]) -> str | None:
+    """The stop reason once `early_stopping_patience` evaluations have not improved."""
+    patience, min_delta = (
+        train_config.early_stopping_patience,
+        train_config.early_stopping_min_delta,
     )
-    # Leaving the block, also on an error, waits for background checkpoint saves to finish.
-    with (
-        progress,
-        _StopSignals() as signals,
-        manager,
-        contextlib.closing(log),
-        contextlib.closing(batches),
-    ):
+    stale = evals_without_improvement(val_history, min_delta)
+    if patience > 0 and stale >= patience:
+        return f"early stopping: no val loss improvement > {min_delta:g} in {stale} evaluations"
+    return None
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    stop: Callable[[], str | None] = lambda: None,
+) -> dict:
+    """Trains the configured model, evaluating and checkpointing every `train.eval_every`
+    steps, and returns (and writes to DIR/summary.json) a summary of the run.
+
+    A workdir that already holds checkpoints of the same model is resumed from its latest
+    readable one, exactly: batches and dropout derive from (seed, step). `stop()` is asked
+    after every step; once it gives a reason, the run evaluates, checkpoints and stops with
+    that reason (the CLI's signals: `cli.StopSignals`).
+    """
+    wall_start = time.perf_counter()
+    validate(config)
+    with contextlib.ExitStack() as closing:
+        run, model_state, opt_state = _setup(config, workdir_lib.prepare(workdir), closing)
+        tc, step, pending, stop_reason = run.config.train, run.start_step, [], None
+        logging.info("Training %d steps of %d tokens from step %d",
+                     tc.num_steps, run.tokens_per_step, step)  # fmt: skip
         tick = time.perf_counter()
-        while step < tc.num_steps:
-            model_state, opt_state, metrics = train_step(
-                model_state, opt_state, next(batches), data_key
+        while step < tc.num_steps and stop_reason is None:
+            model_state, opt_state, metrics = run.train_step(
+                model_state, opt_state, next(run.batches), run.data_key
             )
-            step += 1
+            step, interrupted = step + 1, stop()
             pending.append(metrics)
-            is_eval = step % tc.eval_every == 0 or step == tc.num_steps or signals.received
+            is_eval = step % tc.eval_every == 0 or step == tc.num_steps or interrupted
             is_checkpoint = tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0
             if not (is_eval or is_checkpoint or step % tc.log_every == 0):
                 continue
-            fetched = jax.device_get(pending)  # the only host sync between log intervals
-            train_seconds += time.perf_counter() - tick
-            timed_steps += len(pending)
+            _log_interval(run, step, pending, tick)
             pending = []
-            averaged = TrainMetrics.empty()
-            for m in fetched:
-                averaged = averaged.merge(m)
-            values = {k: float(v) for k, v in averaged.compute().items()}
-            if not math.isfinite(values["loss"]):
-                raise UserError(
-                    f"training diverged: loss is {values['loss']} by step {step}; the last "
-                    f"good checkpoint is step {manager.latest_step()}. Lower "
-                    "train.learning_rate or raise train.warmup_steps"
-                )
-            step_time = train_seconds / timed_steps
-            values.update(
-                lr=float(schedule(step - 1)), tokens_per_sec=tokens_per_step / step_time,
-                tokens=step * tokens_per_step,
-            )  # fmt: skip
-            log.write(step, "train", **values)
-            if progress.disable and is_main:
-                logging.info(
-                    "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s  ETA %s",
-                    step, tc.num_steps, values["loss"], values["grad_norm"], values["lr"],
-                    values["tokens_per_sec"], _format_duration((tc.num_steps - step) * step_time),
-                )  # fmt: skip
-            else:
-                progress.update(step - progress.n)
-                progress.set_postfix_str(
-                    f"loss {values['loss']:.4f}  {values['tokens_per_sec']:,.0f} tok/s"
-                )
             if is_eval:
-                train_loss, val_loss = evaluate(model_state)
-                best_val = min(best_val, val_loss)
-                val_history.append(val_loss)
-                checkpoints.save(manager, step, model_state, opt_state, val_loss)
-                log.write(
-                    step, "eval", train_loss=train_loss, val_loss=val_loss,
-                    val_bpc=bits_per_character(val_loss, chars_per_token),
-                    tokens=step * tokens_per_step,
-                )  # fmt: skip
-                if is_main:
-                    plotting.plot_loss_curve(log.history, workdir / LOSS_CURVE_FILE, str(workdir))
-                logging.info(
-                    "eval step %d: train loss %.4f  val loss %.4f  (best %.4f)",
-                    step, train_loss, val_loss, best_val,
-                )  # fmt: skip
-                patience = tc.early_stopping_patience
-                stale = evals_without_improvement(val_history, tc.early_stopping_min_delta)
-                if signals.received:
-                    stop_reason = f"interrupted by {signals.received}"
-                    break
-                if patience > 0 and stale >= patience:
-                    stop_reason = (
-                        f"early stopping: no val loss improvement > "
-                        f"{tc.early_stopping_min_delta:g} in {stale} evaluations"
-                    )
-                    break
+                _evaluate_and_checkpoint(run, step, model_state, opt_state)
+                stop_reason = interrupted or _early_stop(tc, run.val_history())
             elif is_checkpoint:
-                checkpoints.save(manager, step, model_state, opt_state)
+                checkpoints.save(run.manager, step, model_state, opt_state)
             tick = time.perf_counter()
+    summary = _summary(run, step, stop_reason or "num_steps", time.perf_counter() - wall_start)
+    if run.is_main:
+        workdir_lib.write_summary(run.workdir, summary)
+    logging.info("Done (%s): %s", summary["stop_reason"],
+                 {k: v for k, v in summary.items() if k != "history"})  # fmt: skip
+    return summary
 
-    summary = {
-        "model": config.model.name,
-        "preset": config.get("preset"),
-        "num_params": num_params,
-        "steps": step,
+
+def _summary(run: _Run, steps: int, stop_reason: str, wall_time_s: float) -> dict:
+    """The run's summary.json: what was trained, how it went, and how fast."""
+    best_val = min((v for v in run.val_history() if math.isfinite(v)), default=None)
+    timed = run.timed_steps
+    return {
+        "model": run.config.model.name,
+        "preset": run.config.get("preset"),
+        "num_params": run.num_params,
+        "steps": steps,
         "stop_reason": stop_reason,
-        "resumed_from_step": start_step if resuming else None,
-        "tokens_per_step": tokens_per_step,
-        "final_train_loss": train_loss,
-        "final_val_loss": val_loss,
-        "best_val_loss": best_val if math.isfinite(best_val) else None,
-        "best_val_bpc": bits_per_character(best_val, chars_per_token)
-        if math.isfinite(best_val)
-        else None,
-        "tokenizer": tokenizer.kind,
-        "vocab_size": tokenizer.vocab_size,
-        "val_chars_per_token": chars_per_token,
-        "train_tokens_per_sec": tokens_per_step * timed_steps / train_seconds
-        if timed_steps
-        else None,
-        "step_time_ms": 1000 * train_seconds / timed_steps if timed_steps else None,
-        "wall_time_s": time.perf_counter() - wall_start,
+        "resumed_from_step": run.start_step if run.resumed else None,
+        "tokens_per_step": run.tokens_per_step,
+        "final_train_loss": run.last_eval[0],
+        "final_val_loss": run.last_eval[1],
+        "best_val_loss": best_val,
+        "best_val_bpc": None
+        if best_val is None
+        else bits_per_character(best_val, run.chars_per_token),
+        "tokenizer": run.tokenizer.kind,
+        "vocab_size": run.tokenizer.vocab_size,
+        "val_chars_per_token": run.chars_per_token,
+        "train_tokens_per_sec": run.tokens_per_step * timed / run.train_seconds if timed else None,
+        "step_time_ms": 1000 * run.train_seconds / timed if timed else None,
+        "wall_time_s": wall_time_s,
         "num_devices": jax.device_count(),
         "num_processes": jax.process_count(),
         "platform": jax.devices()[0].platform,
         "peak_device_memory_bytes": (jax.local_devices()[0].memory_stats() or {}).get(
             "peak_bytes_in_use"
         ),  # None where the device does not report it (CPU)
-        "history": log.evals(),
+        "history": run.log.evals(),
     }
-    if is_main:
-        summary_path = workdir / checkpoints.SUMMARY_FILE
-        tmp = summary_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, summary_path)
-    logging.info("Done (%s): %s", stop_reason,
-                 {k: v for k, v in summary.items() if k != "history"})  # fmt: skip
-    return summary

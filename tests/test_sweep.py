@@ -53,31 +53,44 @@ def test_malformed_sweep(sweep, message):
         sweeps.expand_grid(CONFIG, [sweep])
 
 
-def test_every_config_is_checked_before_any_run(tmp_path):
-    runs = sweeps.expand_grid(CONFIG, ["model.num_layers=2,x"], tiny_sets("model.num_layers"))
-    with pytest.raises(UserError, match="run num_layers=x: .*invalid literal for int"):
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        ("model.num_layers=2,x", "run num_layers=x: .*invalid literal for int"),
+        # 3 heads do not divide the width 32: the model cannot be built.
+        ("model.num_heads=4,3", "run num_heads=3: model.embedding_dim=32 is not divisible by "
+         "num_heads=3"),
+        ("train.eval_every=4,0", "run eval_every=0: train.eval_every must be positive, got 0"),
+    ],
+    ids=["bad-value", "num-heads", "non-positive"],
+)  # fmt: skip
+def test_every_config_is_checked_before_any_run(tmp_path, sweep, message):
+    key = sweep.split("=")[0]
+    runs = sweeps.expand_grid(CONFIG, [sweep], tiny_sets(key))
+    with pytest.raises(UserError, match=message):
         sweeps.run_sweep(runs, tmp_path)
     assert not any(tmp_path.iterdir())
 
 
 def test_sweep_grid_table_plots_failures_and_skip(tmp_path):
-    # 3 heads do not divide the width 32: those runs fail when building their model.
+    # A NaN learning rate passes validation but diverges: those runs fail while training.
     runs = sweeps.expand_grid(
         CONFIG,
-        ["model.num_layers=1,2", "model.num_heads=4,3"],
-        tiny_sets("model.num_layers", "model.num_heads"),
+        ["model.num_layers=1,2", "train.learning_rate=3e-3,nan"],
+        tiny_sets("model.num_layers", "train.learning_rate"),
     )
     rows = sweeps.run_sweep(runs, tmp_path, jobs=4)  # all at once: quicker than in turn
     assert [(row["run"], row["status"]) for row in rows[2:]] == [
-        ("num_layers=1__num_heads=3", "failed"), ("num_layers=2__num_heads=3", "failed"),
-    ]  # fmt: skip
-    assert {row["error"] for row in rows[2:]} == {
-        "error: model.embedding_dim=32 is not divisible by num_heads=3"
+        ("num_layers=1__learning_rate=nan", "failed"),
+        ("num_layers=2__learning_rate=nan", "failed"),
+    ]
+    assert {row["error"].split(";")[0] for row in rows[2:]} == {
+        "error: training diverged: loss is nan by step 4"
     }
     done = rows[:2]
     assert {row["run"] for row in done} == {
-        "num_layers=1__num_heads=4",
-        "num_layers=2__num_heads=4",
+        "num_layers=1__learning_rate=3e-3",
+        "num_layers=2__learning_rate=3e-3",
     }
     assert all(row["status"] == "done" and row["steps"] == 4 for row in done)
     assert done[0]["best_val_loss"] <= done[1]["best_val_loss"]
@@ -86,7 +99,7 @@ def test_sweep_grid_table_plots_failures_and_skip(tmp_path):
         assert [row["run"] for row in csv.DictReader(f)] == [row["run"] for row in rows]
     table = (tmp_path / sweeps.RESULTS_MD).read_text().splitlines()
     assert len(table) == 2 + 4 and "best_val_loss" in table[0]
-    assert "| num_layers=2__num_heads=3 | failed | 2 | 3 |" in table[-1]
+    assert "| num_layers=2__learning_rate=nan | failed | 2 | nan |" in table[-1]
     for png in (sweeps.CURVES_PNG, sweeps.LOSS_VS_PARAMS_PNG, sweeps.LOSS_VS_TIME_PNG):
         assert (tmp_path / png).stat().st_size > 0
 
