@@ -199,10 +199,16 @@ class Scheduler:
         self._waiting.clear()
 
     def _warm_up(self) -> None:
-        # Compiles the prefill and step before the server reports ready.
-        slot = self.engine.insert(engine.Request(np.zeros(1, np.int32), max_new_tokens=1))
-        while not any(out.slot == slot and out.finished for out in self.engine.step()):
-            pass
+        """Compiles the step and the prefill of every width bucket for 1, 2, 4, ... prompts
+        at once, so that no request waits for a compilation (seconds on a CPU)."""
+        slots = self.engine.num_slots
+        counts = sorted({min(1 << i, slots) for i in range(slots.bit_length() + 1)})
+        for width in engine.prefill_buckets(self.engine.context):
+            for count in counts:
+                for _ in range(count):
+                    self.engine.insert(engine.Request(np.zeros(width, np.int32), 1))
+                while self.engine.active_slots():
+                    self.engine.step()
 
     def _next_admissions(self) -> list[Sequence] | None:
         """Waits for work; drops cancelled and expired waiting sequences, and returns those
