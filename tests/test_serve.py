@@ -6,6 +6,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -336,6 +337,20 @@ def test_request_timeout(server, client):
     wait_until(lambda: server.service.scheduler.idle)
 
 
+def test_one_log_line_per_request(server, client, caplog):
+    caplog.set_level(logging.INFO)
+    for log_prompts in (False, True):
+        with options(server.service, log_prompts=log_prompts):
+            client.completions.create(model="tiny:1", prompt="ROMEO:", max_tokens=3, seed=1)
+    first, second = [r.getMessage() for r in caplog.records if "request cmpl-" in r.getMessage()]
+    assert re.fullmatch(
+        r"request cmpl-\w+ status=200 prompt_tokens=6 completion_tokens=3 "
+        r"latency=[\d.]+s",
+        first,
+    )
+    assert second.endswith("cached prompt=['ROMEO:']")
+
+
 def test_metrics_move(server, client):
     before = {
         name: metric(server, name)
@@ -470,6 +485,12 @@ def test_sigterm_drains_then_exits_0(server_process):
     text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in rest[:-1])
     assert len(text) > 0
     assert server_process.process.wait(30) == 0, "".join(server_process.log)
+    log = "".join(server_process.log)
+    assert re.search(
+        rf"request cmpl-\w+ status=200 prompt_tokens=1 completion_tokens={LONG // 4} "
+        r"latency=[\d.]+s\n",
+        log,
+    )
 
 
 def _status(url):
