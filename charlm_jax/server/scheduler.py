@@ -115,11 +115,12 @@ class Sequence:
         """The tokens from the last piece's end to `tokens`, and their text up to `chars`."""
         first, self._sent_tokens = self._sent_tokens, tokens
         text, self._sent_chars = self.text[self._sent_chars : chars], chars
+        starts = [self._ends[i - 1] if i else 0 for i in range(first, tokens)]
         piece = Piece(
             self.index,
             text,
             self._ids[first:tokens],
-            [0, *self._ends][first:tokens],
+            starts,
             finish_reason=finish_reason,
             tokens=len(self._ids),
         )
