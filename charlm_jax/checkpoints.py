@@ -215,7 +215,7 @@ def load_model(
         raise UserError(f"no checkpoints in {workdir}")
     config = load_config(workdir)
     tokenizer = load_tokenizer(workdir / TOKENIZER_FILE)
-    model = nnx.eval_shape(lambda: models.create_model(config, tokenizer.vocab_size, nnx.Rngs(0)))
+    model = models.abstract_model(config, tokenizer.vocab_size)
     graphdef, abstract_state = nnx.split(model)
     # Onto one device, however many devices the checkpoint was written from.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -7,7 +7,9 @@ from typing import Any
 
 import ml_collections
 
-from charlm_jax.data import TINY_SHAKESPEARE_URL
+TINY_SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
 
 
 def base_config(model: Mapping[str, Any]) -> ml_collections.ConfigDict:

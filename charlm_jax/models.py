@@ -8,63 +8,112 @@ logits at position t depend only on tokens 0..t.
 - `Transformer`: a decoder-only GPT (nanoGPT's layout): token (+ learned position)
   embeddings, pre-norm blocks of causal self-attention and an MLP, a final norm, and an
   output head tied to the token embedding. Positions may instead be rotary (RoPE).
+
+Each is configured by one frozen dataclass (`MLPConfig`, `TransformerConfig`) that
+`create_model` builds from `config.model`; both implement `CachedDecoder`, the interface the
+sampler decodes through.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from charlm_jax.errors import UserError
+from charlm_jax.random_bits import hashed_uniform_bits
 
 INIT_STD = 0.02  # GPT-2 / nanoGPT initialisation
 QUERY_BLOCK = 128  # full-sequence attention runs in blocks of this many queries
 
 
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
+    """The MLP's hyperparameters (`config.model` of configs/mlp.py, plus the vocabulary)."""
+
+    vocab_size: int
+    context_size: int
+    embedding_dim: int
+    hidden_dim: int
+    num_layers: int
+    dropout_rate: float = 0.0
+    dtype: np.dtype = np.dtype("float32")  # compute dtype of the matmuls
+    param_dtype: np.dtype = np.dtype("float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """The Transformer's hyperparameters (`config.model` of configs/transformer.py, plus the
+    vocabulary and the context length `max_length`, which is `config.data.sequence_length`).
+    Raises ValueError for values no model can be built from."""
+
+    vocab_size: int
+    max_length: int
+    embedding_dim: int
+    hidden_dim: int  # width of each block's MLP
+    num_layers: int
+    num_heads: int
+    dropout_rate: float = 0.0
+    position: str = "learned"  # "learned" | "rope"
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    use_bias: bool = False
+    remat: bool = False  # recompute block activations in the backward pass
+    dtype: np.dtype = np.dtype("float32")  # compute dtype of the blocks' matmuls
+    param_dtype: np.dtype = np.dtype("float32")  # parameters, embeddings, residual stream
+
+    def __post_init__(self):
+        if self.embedding_dim % self.num_heads:
+            raise ValueError(
+                f"model.embedding_dim={self.embedding_dim} is not divisible by "
+                f"num_heads={self.num_heads}"
+            )
+        if self.position not in ("learned", "rope"):
+            raise ValueError(
+                f"unknown model.position {self.position!r}: expected 'learned' or 'rope'"
+            )
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"unknown model.norm {self.norm!r}: expected 'layernorm' or 'rmsnorm'")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embedding_dim // self.num_heads
+
+    @property
+    def out_std(self) -> float:
+        """Init scale of the projections into the residual stream (GPT-2's 1/sqrt(2 L))."""
+        return INIT_STD / math.sqrt(2 * self.num_layers)
+
+
+@runtime_checkable
+class CachedDecoder(Protocol):
+    """What the sampler needs of a model: a full forward pass, and one over a cache.
+
+    A cache holds `length` slots per row. `forward_cached` writes `tokens` (batch, time) at
+    slots slot..slot+time-1 and returns their logits (batch, time, vocab) with the new cache;
+    they sit at `positions` (batch, time) and attend where `mask` (batch, time, slots) is
+    True. Within the context, its logits equal those of `__call__` on the whole text.
+    """
+
+    def __call__(
+        self, tokens: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+    ) -> jax.Array: ...
+
+    def init_cache(self, batch: int, length: int) -> Any: ...
+
+    def forward_cached(
+        self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: Any, slot
+    ) -> tuple[jax.Array, Any]: ...
+
+
 def _normal(std: float = INIT_STD) -> nnx.Initializer:
     return nnx.initializers.normal(stddev=std)
-
-
-def _mix(x: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finalizer: a bijection that scrambles every bit of x."""
-    x ^= x >> 16
-    x *= jnp.uint32(0x85EBCA6B)
-    x ^= x >> 13
-    x *= jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def hashed_bits(seed: jax.Array, shape: tuple[int, ...], offset: jax.Array | int = 0) -> jax.Array:
-    """Pseudo-random uint32 bits of `shape`: each element's flat index, plus `offset`, hashed
-    with a 64-bit `seed` (two uint32).
-
-    Elementwise integer work that XLA fuses into the consumer and splits across devices like
-    any other elementwise op, where threefry (`jax.random`) is a chain of separate ops: it
-    cost about 10% of a `nanogpt` train step on a CPU as dropout masks (docs/performance.md).
-    Good enough for dropout masks and sampling noise, not for cryptography; the same seed
-    gives the same bits on any device layout.
-    """
-    index = jnp.full(shape, offset, jnp.uint32)
-    for axis in range(len(shape)):
-        stride = jnp.uint32(math.prod(shape[axis + 1 :]) % 2**32)
-        index += jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * stride
-    return _mix(_mix(index ^ seed[0]) ^ seed[1])
-
-
-def hash_seed(key: jax.Array) -> jax.Array:
-    """The 64-bit seed of `hashed_bits` (two uint32), drawn from a JAX PRNG key."""
-    return jax.random.bits(key, (2,), jnp.uint32)
-
-
-def hashed_uniform_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """`hashed_bits` of `shape` with a seed drawn from `key`."""
-    return hashed_bits(hash_seed(key), shape)
 
 
 class Dropout(nnx.Module):
@@ -90,35 +139,21 @@ class Dropout(nnx.Module):
 class MLP(nnx.Module):
     """Bengio-style MLP language model over a fixed window of previous characters."""
 
-    def __init__(
-        self,
-        vocab_size: int,
-        *,
-        context_size: int,
-        embedding_dim: int,
-        hidden_dim: int,
-        num_layers: int,
-        dropout_rate: float,
-        dtype: jnp.dtype = jnp.float32,
-        param_dtype: jnp.dtype = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        self.context_size = context_size
-        self.pad_id = vocab_size  # an extra embedding row for positions before the text
-        self.embed = nnx.Embed(
-            vocab_size + 1, embedding_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
-        widths = [context_size * embedding_dim] + [hidden_dim] * num_layers
+    def __init__(self, cfg: MLPConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.context_size = cfg.context_size
+        self.pad_id = cfg.vocab_size  # an extra embedding row for positions before the text
+        dtypes = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.embed = nnx.Embed(cfg.vocab_size + 1, cfg.embedding_dim, rngs=rngs, **dtypes)
+        widths = [cfg.context_size * cfg.embedding_dim] + [cfg.hidden_dim] * cfg.num_layers
         self.hidden = nnx.List(
             [
-                nnx.Linear(i, o, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                nnx.Linear(i, o, rngs=rngs, **dtypes)
                 for i, o in zip(widths[:-1], widths[1:], strict=True)
             ]
         )
-        self.dropout = Dropout(dropout_rate)
-        self.head = nnx.Linear(
-            widths[-1], vocab_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
+        self.dropout = Dropout(cfg.dropout_rate)
+        self.head = nnx.Linear(widths[-1], cfg.vocab_size, rngs=rngs, **dtypes)
 
     def __call__(
         self, tokens: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
@@ -173,23 +208,34 @@ def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
-def make_norm(
-    kind: str, dim: int, use_bias: bool, param_dtype: jnp.dtype, rngs: nnx.Rngs
-) -> nnx.Module:
-    """LayerNorm or RMSNorm, computed in float32 whatever the model's compute dtype."""
-    dtypes = dict(dtype=jnp.float32, param_dtype=param_dtype)
-    if kind == "layernorm":
-        return nnx.LayerNorm(dim, epsilon=1e-5, use_bias=use_bias, rngs=rngs, **dtypes)
-    if kind == "rmsnorm":
-        return nnx.RMSNorm(dim, epsilon=1e-5, rngs=rngs, **dtypes)
-    raise UserError(f"unknown model.norm {kind!r}: expected 'layernorm' or 'rmsnorm'")
+def make_norm(cfg: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """`cfg.norm` over the residual stream, computed in float32 whatever the compute dtype."""
+    dtypes = dict(dtype=jnp.float32, param_dtype=cfg.param_dtype)
+    if cfg.norm == "rmsnorm":
+        return nnx.RMSNorm(cfg.embedding_dim, epsilon=1e-5, rngs=rngs, **dtypes)
+    return nnx.LayerNorm(
+        cfg.embedding_dim, epsilon=1e-5, use_bias=cfg.use_bias, rngs=rngs, **dtypes
+    )
+
+
+def _linear(cfg: TransformerConfig, rngs: nnx.Rngs, features: int, out: int, std: float):
+    return nnx.Linear(
+        features,
+        out,
+        use_bias=cfg.use_bias,
+        kernel_init=_normal(std),
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        rngs=rngs,
+    )
 
 
 def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
     """Applies `layer` to x (..., features) as one 2-D matmul.
 
     Flattening first makes the weight gradient a plain (features, n) x (n, out) matmul; over
-    3-D activations XLA:CPU contracts two dimensions at once, about 2x slower.
+    3-D activations XLA:CPU contracts two dimensions at once, which is much slower
+    (docs/performance.md).
     """
     return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
@@ -211,29 +257,13 @@ class KVCache(NamedTuple):
 
 
 class CausalSelfAttention(nnx.Module):
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        *,
-        use_rope: bool,
-        use_bias: bool,
-        dropout_rate: float,
-        out_std: float,
-        dtype: jnp.dtype,
-        param_dtype: jnp.dtype,
-        rngs: nnx.Rngs,
-    ):
-        if dim % num_heads:
-            raise UserError(f"model.embedding_dim={dim} is not divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.use_rope = use_rope
-        linear = functools.partial(
-            nnx.Linear, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
-        self.qkv = linear(dim, 3 * dim, kernel_init=_normal())
-        self.out = linear(dim, dim, kernel_init=_normal(out_std))
-        self.dropout = Dropout(dropout_rate)
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        dim = cfg.embedding_dim
+        self.num_heads = cfg.num_heads
+        self.use_rope = cfg.position == "rope"
+        self.qkv = _linear(cfg, rngs, dim, 3 * dim, INIT_STD)
+        self.out = _linear(cfg, rngs, dim, dim, cfg.out_std)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def __call__(
         self,
@@ -262,8 +292,8 @@ class CausalSelfAttention(nnx.Module):
         if cache is not None:
             # The queries see the cache as it was (less the slots being written) and the new
             # keys; the written cache is then only the next call's input, which XLA updates in
-            # place. (Attending to the written cache made XLA copy each layer's cache at every
-            # decoding step.)
+            # place. Attending to the written cache would make XLA copy each layer's cache at
+            # every decoding step.
             # `slot` is one index for all rows or one per row (batch,).
             start = jnp.reshape(slot, (-1, 1, 1))
             written = start + jnp.arange(time)  # (1 or batch, 1, time)
@@ -322,24 +352,10 @@ class CausalSelfAttention(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-    def __init__(
-        self,
-        dim: int,
-        hidden_dim: int,
-        *,
-        use_bias: bool,
-        dropout_rate: float,
-        out_std: float,
-        dtype: jnp.dtype,
-        param_dtype: jnp.dtype,
-        rngs: nnx.Rngs,
-    ):
-        linear = functools.partial(
-            nnx.Linear, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
-        self.up = linear(dim, hidden_dim, kernel_init=_normal())
-        self.down = linear(hidden_dim, dim, kernel_init=_normal(out_std))
-        self.dropout = Dropout(dropout_rate)
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.up = _linear(cfg, rngs, cfg.embedding_dim, cfg.hidden_dim, INIT_STD)
+        self.down = _linear(cfg, rngs, cfg.hidden_dim, cfg.embedding_dim, cfg.out_std)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
         y = dense(self.down, jax.nn.gelu(dense(self.up, x), approximate=True))
@@ -349,33 +365,11 @@ class FeedForward(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(
-        self,
-        dim: int,
-        hidden_dim: int,
-        num_heads: int,
-        *,
-        norm: str,
-        use_rope: bool,
-        use_bias: bool,
-        dropout_rate: float,
-        out_std: float,
-        dtype: jnp.dtype,
-        param_dtype: jnp.dtype,
-        rngs: nnx.Rngs,
-    ):
-        common = dict(
-            use_bias=use_bias,
-            dropout_rate=dropout_rate,
-            out_std=out_std,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
-        self.attn_norm = make_norm(norm, dim, use_bias, param_dtype, rngs)
-        self.attn = CausalSelfAttention(dim, num_heads, use_rope=use_rope, **common)
-        self.mlp_norm = make_norm(norm, dim, use_bias, param_dtype, rngs)
-        self.mlp = FeedForward(dim, hidden_dim, **common)
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = make_norm(cfg, rngs)
+        self.attn = CausalSelfAttention(cfg, rngs=rngs)
+        self.mlp_norm = make_norm(cfg, rngs)
+        self.mlp = FeedForward(cfg, rngs=rngs)
 
     def __call__(
         self,
@@ -398,64 +392,27 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     """Decoder-only GPT over characters."""
 
-    def __init__(
-        self,
-        vocab_size: int,
-        *,
-        max_length: int,
-        embedding_dim: int,
-        hidden_dim: int,
-        num_layers: int,
-        num_heads: int,
-        dropout_rate: float,
-        position: str,
-        norm: str,
-        use_bias: bool,
-        dtype: jnp.dtype = jnp.float32,
-        param_dtype: jnp.dtype = jnp.float32,
-        remat: bool = False,
-        rngs: nnx.Rngs,
-    ):
-        if position not in ("learned", "rope"):
-            raise UserError(f"unknown model.position {position!r}: expected 'learned' or 'rope'")
-        self.max_length = max_length
-        self.remat = remat
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
         # Embeddings, the residual stream and the tied output head stay in param_dtype; the
         # blocks' matmuls run in `dtype`.
         embed = functools.partial(
-            nnx.Embed, embedding_init=_normal(), param_dtype=param_dtype, rngs=rngs
+            nnx.Embed, embedding_init=_normal(), param_dtype=cfg.param_dtype, rngs=rngs
         )
-        self.embed = embed(vocab_size, embedding_dim)
-        self.pos_embed = embed(max_length, embedding_dim) if position == "learned" else None
-        self.dropout = Dropout(dropout_rate)
-        out_std = INIT_STD / math.sqrt(2 * num_layers)  # scaled residual projections (GPT-2)
-        self.blocks = nnx.List(
-            [
-                Block(
-                    embedding_dim,
-                    hidden_dim,
-                    num_heads,
-                    norm=norm,
-                    use_rope=position == "rope",
-                    use_bias=use_bias,
-                    dropout_rate=dropout_rate,
-                    out_std=out_std,
-                    dtype=dtype,
-                    param_dtype=param_dtype,
-                    rngs=rngs,
-                )
-                for _ in range(num_layers)
-            ]
-        )
-        self.final_norm = make_norm(norm, embedding_dim, use_bias, param_dtype, rngs)
+        self.embed = embed(cfg.vocab_size, cfg.embedding_dim)
+        learned = cfg.position == "learned"
+        self.pos_embed = embed(cfg.max_length, cfg.embedding_dim) if learned else None
+        self.dropout = Dropout(cfg.dropout_rate)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = make_norm(cfg, rngs)
 
     def __call__(
         self, tokens: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
     ) -> jax.Array:
         time = tokens.shape[1]
-        if time > self.max_length:
+        if time > self.cfg.max_length:
             raise ValueError(
-                f"sequence of length {time} exceeds the model's context {self.max_length}"
+                f"sequence of length {time} exceeds the model's context {self.cfg.max_length}"
             )
         positions = jnp.arange(time)[None]
         mask = jnp.tril(jnp.ones((1, time, time), dtype=bool))
@@ -464,9 +421,7 @@ class Transformer(nnx.Module):
 
     def init_cache(self, batch: int, length: int) -> list[KVCache]:
         """An empty KV cache of `length` slots per layer (length <= max_length)."""
-        dim = self.embed.features
-        heads = self.blocks[0].attn.num_heads
-        shape = (batch, heads, length, dim // heads)
+        shape = (batch, self.cfg.num_heads, length, self.cfg.head_dim)
         return [KVCache(jnp.zeros(shape), jnp.zeros(shape)) for _ in self.blocks]
 
     def forward_cached(
@@ -493,7 +448,7 @@ class Transformer(nnx.Module):
         def run_block(block, x, layer_cache, rngs):
             return block(x, positions, mask, cache=layer_cache, slot=slot, train=train, rngs=rngs)
 
-        if self.remat and train:  # recompute each block's activations in the backward pass
+        if self.cfg.remat and train:  # recompute each block's activations in the backward pass
             run_block = nnx.remat(run_block)
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache, strict=True):
@@ -503,46 +458,51 @@ class Transformer(nnx.Module):
         return self.embed.attend(x).reshape(*tokens.shape, -1), new_cache
 
 
-def create_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs) -> nnx.Module:
-    """Builds the model named by `config.model.name` (the context length is
-    `config.data.sequence_length`)."""
+CONFIG_CLASSES = {"transformer": TransformerConfig, "mlp": MLPConfig}
+
+
+def model_config(
+    config: ml_collections.ConfigDict, vocab_size: int
+) -> TransformerConfig | MLPConfig:
+    """The dataclass of the model `config.model` describes (the Transformer's context length
+    is `config.data.sequence_length`). Raises UserError naming the first bad field."""
     m = config.model
+    if m.name not in CONFIG_CLASSES:
+        raise UserError(f"unknown model.name {m.name!r}: expected 'transformer' or 'mlp'")
+    cls = CONFIG_CLASSES[m.name]
+    fields = {f.name: m[f.name] for f in dataclasses.fields(cls) if f.name in m}
     try:
-        dtypes = {"dtype": jnp.dtype(m.dtype), "param_dtype": jnp.dtype(m.param_dtype)}
+        fields["dtype"], fields["param_dtype"] = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
     except TypeError as e:
         raise UserError(f"bad model.dtype or model.param_dtype: {e}") from None
-    if m.name == "transformer":
-        return Transformer(
-            vocab_size,
-            max_length=config.data.sequence_length,
-            embedding_dim=m.embedding_dim,
-            hidden_dim=m.hidden_dim,
-            num_layers=m.num_layers,
-            num_heads=m.num_heads,
-            dropout_rate=m.dropout_rate,
-            position=m.position,
-            norm=m.norm,
-            use_bias=m.use_bias,
-            remat=m.remat,
-            rngs=rngs,
-            **dtypes,
-        )
-    if m.name == "mlp":
-        return MLP(
-            vocab_size,
-            context_size=m.context_size,
-            embedding_dim=m.embedding_dim,
-            hidden_dim=m.hidden_dim,
-            num_layers=m.num_layers,
-            dropout_rate=m.dropout_rate,
-            rngs=rngs,
-            **dtypes,
-        )
-    raise UserError(f"unknown model.name {m.name!r}: expected 'transformer' or 'mlp'")
+    if cls is TransformerConfig:
+        fields["max_length"] = config.data.sequence_length
+    try:
+        return cls(**{**fields, "vocab_size": vocab_size})
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
-def count_params(config: ml_collections.ConfigDict, vocab_size: int) -> int:
-    """The configured model's parameter count (as training reports it), without building its
-    weights."""
-    model = nnx.eval_shape(lambda: create_model(config, vocab_size, nnx.Rngs(0)))
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model)))
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises UserError naming the first `config.model` field no model can be built from
+    (before any data is read: the checks do not depend on the vocabulary)."""
+    model_config(config, vocab_size=1)
+
+
+def create_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs) -> nnx.Module:
+    """Builds the model named by `config.model.name` (see `model_config`)."""
+    cfg = model_config(config, vocab_size)
+    return (
+        Transformer(cfg, rngs=rngs) if isinstance(cfg, TransformerConfig) else MLP(cfg, rngs=rngs)
+    )
+
+
+def abstract_model(config: ml_collections.ConfigDict, vocab_size: int) -> nnx.Module:
+    """The configured model with shapes and dtypes but no weights (nothing is computed)."""
+    return nnx.eval_shape(lambda: create_model(config, vocab_size, nnx.Rngs(0)))
+
+
+def count_params(model: nnx.Module | nnx.State) -> int:
+    """The number of parameters of a model or of its state (abstract ones count too)."""
+    state = nnx.state(model, nnx.Param) if isinstance(model, nnx.Module) else model
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))

@@ -21,8 +21,8 @@ import ml_collections
 import tensorflow_datasets as tfds
 from absl import logging
 
-from charlm_jax.data import FileCorpus, decode_text
 from charlm_jax.errors import UserError
+from charlm_jax.text_files import FileCorpus, decode_text
 
 SPLIT_ORDER = ("train", "validation", "test")
 
@@ -165,7 +165,7 @@ def _split_rank(split: str) -> tuple[int, str]:
     return (SPLIT_ORDER.index(name) if name in SPLIT_ORDER else len(SPLIT_ORDER), name)
 
 
-def load_text(config: ml_collections.ConfigDict) -> str:
+def read_tfds_text(config: ml_collections.ConfigDict) -> str:
     """The text of the TFDS dataset `config` (the `data` section) names: a local corpus
     when `path` is set, else a catalog dataset."""
     if not config.tfds_name:

@@ -5,7 +5,8 @@ static graph and a state pytree; each step merges them inside `jax.jit`, compute
 returns the new state (donated, so it is updated in place). Batches are drawn on the device
 from the step's RNG key (`fold_in(seed, step)`), so the host does no per-step work and a
 resumed run sees exactly the batches an uninterrupted one would. Corpora kept off the device
-(memory-mapped) get the same batches drawn on the host and prefetched (`data.HostBatches`).
+(memory-mapped) get the same batches drawn on the host and prefetched
+(`batching.PrefetchedBatches`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from clu import parameter_overview
 from flax import nnx
 from jax.sharding import Mesh
 
-from charlm_jax import checkpoints, data, models, parallel, plotting
+from charlm_jax import batching, checkpoints, data, models, parallel, plotting
 from charlm_jax import workdir as workdir_lib
 from charlm_jax.errors import UserError
 from charlm_jax.metrics import MetricsLog, TrainMetrics, bits_per_character
@@ -114,7 +115,7 @@ def make_train_step(
     `train.deterministic`.
 
     `batch_data` is all the training tokens (`on_device`: the step draws its batch), or the
-    step's (inputs, targets), drawn on the host from the same key (`data.HostBatches`).
+    step's (inputs, targets), drawn on the host from the same key (`batching.PrefetchedBatches`).
     `shardings` are the (model_state, opt_state) shardings; each batch is split over the
     mesh's data axis. With `grad_accum_steps` k > 1, a step takes k * batch_size windows
     (the same ones a k-times larger batch would), averages their gradients over k
@@ -135,9 +136,9 @@ def make_train_step(
 
     def train_step(model_state, opt_state, batch_data, key):
         model, opt = nnx.merge(model_def, model_state), nnx.merge(opt_def, opt_state)
-        batch_key, dropout_key = data.step_keys(key, opt.step[...])
+        batch_key, dropout_key = batching.step_keys(key, opt.step[...])
         if on_device:
-            inputs, targets = data.sample_batch(
+            inputs, targets = batching.sample_batch(
                 batch_data, batch_key, grad_accum_steps * batch_size, sequence_length
             )
         else:
@@ -209,7 +210,7 @@ def make_eval_step(
     each batch is split over the mesh's data axis.
 
     `batch_data` is a split's tokens (`on_device`), or its batches drawn on the host
-    (`data.host_batches`, the same batches).
+    (`batching.eval_batches_numpy`, the same batches).
     """
 
     def eval_step(model_state, batch_data, key):
@@ -217,7 +218,7 @@ def make_eval_step(
 
         def batch_loss(i):
             if on_device:
-                batch = data.sample_batch(
+                batch = batching.sample_batch(
                     batch_data, jax.random.fold_in(key, i), batch_size, sequence_length
                 )
             else:
@@ -340,14 +341,14 @@ def _batch_source(config, train_np, val_np, mesh, start_step: int, on_device: bo
         train_tokens, val_tokens = (
             parallel.put_replicated(np.asarray(t, np.int32), mesh) for t in (train_np, val_np)
         )
-        batches = (train_tokens for _ in itertools.count())  # closable, like HostBatches
+        batches = (train_tokens for _ in itertools.count())  # closable, like PrefetchedBatches
         return batches, (train_tokens, val_tokens), train_tokens
     step_batch = tc.batch_size * tc.grad_accum_steps  # windows drawn per step
     eval_data = [
-        data.host_batches(t, eval_key, tc.batch_size, seq_len, tc.eval_batches)
+        batching.eval_batches_numpy(t, eval_key, tc.batch_size, seq_len, tc.eval_batches)
         for t in (train_np, val_np)
     ]
-    batches = data.HostBatches(
+    batches = batching.PrefetchedBatches(
         train_np, data_key, step_batch, seq_len, start_step, parallel.batch_sharding(mesh)
     )
     return batches, eval_data, (jax.ShapeDtypeStruct((step_batch, seq_len), jnp.int32),) * 2
@@ -369,7 +370,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path, closing: contextlib
     train_step, model_def, model_state, opt_state, schedule = build_training(
         config, tokenizer.vocab_size, mesh, on_device
     )
-    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(model_state))
+    num_params = models.count_params(model_state)
     logging.info(
         "Model %s, %s parameters:\n%s", config.model.name, f"{num_params:,}",
         parameter_overview.get_parameter_overview(nnx.to_pure_dict(model_state)),

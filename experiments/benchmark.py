@@ -20,14 +20,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from charlm_jax import cli, parallel, train
-from charlm_jax.data import embedded_tiny_shakespeare
+from charlm_jax import cli, models, parallel, train
 from charlm_jax.sampling import Sampler
+from charlm_jax.text_files import embedded_tiny_shakespeare
 from charlm_jax.tokenizers import CharTokenizer
 
 config_flags.DEFINE_config_file("config", None, "Config file[:preset].", lock_config=True)
@@ -107,12 +106,9 @@ def train_speed(config) -> dict:
         times.append(time.perf_counter() - start)
 
     params = nnx.state(nnx.merge(model_def, model_state), nnx.Param)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    embedding_params = sum(
-        int(np.prod(x.shape))
-        for path, x in jax.tree_util.tree_leaves_with_path(params)
-        if "pos_embed" in jax.tree_util.keystr(path)  # nanoGPT counts wpe out, keeps wte (tied)
-    )
+    num_params = models.count_params(params)
+    # nanoGPT counts the position embedding (wpe) out and keeps the tied token embedding.
+    embedding_params = models.count_params(params["pos_embed"]) if "pos_embed" in params else 0
     tokens_per_step = tc.batch_size * tc.grad_accum_steps * config.data.sequence_length
     median = statistics.median(times)
     return {

@@ -20,8 +20,8 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `configs`
 
 from charlm_jax import models  # noqa: E402
-from charlm_jax.data import embedded_tiny_shakespeare  # noqa: E402
 from charlm_jax.sampling import Sampler, SamplingParams, choose_token, row_seeds  # noqa: E402
+from charlm_jax.text_files import embedded_tiny_shakespeare  # noqa: E402
 from charlm_jax.tokenizers import CharTokenizer  # noqa: E402
 from configs import transformer  # noqa: E402
 

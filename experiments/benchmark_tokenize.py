@@ -16,7 +16,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `configs`
 
-from charlm_jax import data  # noqa: E402
+from charlm_jax import data, text_files  # noqa: E402
 from charlm_jax.tokenizers import create_tokenizer  # noqa: E402
 from configs import transformer  # noqa: E402
 
@@ -36,7 +36,7 @@ def generate(path: Path, size_mb: int) -> None:
     if path.exists() and path.stat().st_size >= size_mb << 20:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = data.embedded_tiny_shakespeare().read_text(encoding="utf-8").splitlines(True)
+    lines = text_files.embedded_tiny_shakespeare().read_text(encoding="utf-8").splitlines(True)
     lines += ["Ça va, très bien — naïve café.\n", "日本語のテキスト 😀\n"]
     rng = np.random.default_rng(0)
     with path.open("w", encoding="utf-8") as f:

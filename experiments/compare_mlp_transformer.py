@@ -24,7 +24,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's charlm_jax
 
-from charlm_jax import cli, data, models, sweeps, train  # noqa: E402
+from charlm_jax import cli, models, sweeps, text_files, train  # noqa: E402
 from charlm_jax.errors import UserError  # noqa: E402
 from charlm_jax.sampling import Sampler  # noqa: E402
 from charlm_jax.tokenizers import CharTokenizer  # noqa: E402
@@ -52,7 +52,7 @@ def matched_hidden_dim(config: ml_collections.ConfigDict, vocab_size: int, targe
 
     def count(hidden_dim: int) -> int:
         config.model.hidden_dim = hidden_dim
-        return models.count_params(config, vocab_size)
+        return models.count_params(models.abstract_model(config, vocab_size))
 
     low, high = 1, 1
     while count(high) < target:
@@ -89,7 +89,9 @@ def plan(workdir: Path) -> list[sweeps.Run]:
         return [sweeps.Run(**run) for run in saved["runs"]]
     transformer = sweeps.expand_grid(FLAGS.transformer, [], FLAGS.set)[0]
     transformer_config = sweeps.load_config(transformer)
-    target = models.count_params(transformer_config, vocab_size(transformer_config))
+    target = models.count_params(
+        models.abstract_model(transformer_config, vocab_size(transformer_config))
+    )
     mlp = sweeps.expand_grid(FLAGS.mlp, [], FLAGS.set)[0]
     mlp_config = sweeps.load_config(mlp)
     hidden_dim = matched_hidden_dim(mlp_config, vocab_size(mlp_config), target)
@@ -118,7 +120,7 @@ def timed(run: sweeps.Run, calibration_dir: Path) -> sweeps.Run:
 
 def vocab_size(config: ml_collections.ConfigDict) -> int:
     return CharTokenizer.from_text(
-        data.load_text(config.data), allow_unknown=config.data.allow_unknown
+        text_files.read_text(config.data), allow_unknown=config.data.allow_unknown
     ).vocab_size
 
 

@@ -35,8 +35,8 @@ import numpy as np
 from absl import app, flags
 
 from charlm_jax import checkpoints
-from charlm_jax.data import embedded_tiny_shakespeare
 from charlm_jax.engine import Engine, Request
+from charlm_jax.text_files import embedded_tiny_shakespeare
 
 flags.DEFINE_string("url", None, "A running server (http://HOST:PORT); or --workdir.")
 flags.DEFINE_string("workdir", None, "Start a server of its own on this trained workdir.")

@@ -18,7 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from charlm_jax import cli, parallel, train
-from charlm_jax.data import embedded_tiny_shakespeare
+from charlm_jax.text_files import embedded_tiny_shakespeare
 from charlm_jax.tokenizers import CharTokenizer
 
 config_flags.DEFINE_config_file("config", None, "Config file[:preset].", lock_config=True)

@@ -26,7 +26,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's charlm_jax
 
-from charlm_jax import checkpoints, cli, data, sweeps  # noqa: E402
+from charlm_jax import checkpoints, cli, data, sweeps, text_files  # noqa: E402
 from charlm_jax.sampling import Sampler  # noqa: E402
 
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds, for both frameworks.")
@@ -44,7 +44,7 @@ def whole_val_loss(workdir: Path) -> float:
     """Mean loss of the validation text in windows of the context, best checkpoint."""
     sampler = Sampler.from_workdir(workdir, checkpoint="best")
     config = checkpoints.load_config(workdir)
-    tokens = sampler.tokenizer.encode(data.load_text(config.data))
+    tokens = sampler.tokenizer.encode(text_files.read_text(config.data))
     _, val = data.split_tokens(tokens, config.data.val_fraction, config.data.sequence_length)
     return -float(np.mean(sampler.log_probs(sampler.tokenizer.decode(val))))
 

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the `configs` folder is imported as a package in tests
 
 from charlm_jax import parallel  # noqa: E402
-from charlm_jax.data import embedded_tiny_shakespeare  # noqa: E402
+from charlm_jax.text_files import embedded_tiny_shakespeare  # noqa: E402
 from configs import mlp, transformer  # noqa: E402
 
 # GPUs run float32 matmuls as TF32 by default; the tests that compare two computations of the

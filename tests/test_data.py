@@ -1,53 +1,55 @@
 import io
+import subprocess
+import sys
 import urllib.request
 
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 
-from charlm_jax import data, token_cache
+from charlm_jax import batching, config_defaults, data, text_files, token_cache
 from charlm_jax.errors import UserError
 from charlm_jax.tokenizers import BpeTokenizer, CharTokenizer
 
 
 def test_default_is_embedded_tiny_shakespeare():
-    text = data.load_text(tiny_config().data)
+    text = text_files.read_text(tiny_config().data)
     assert len(text) == 1_115_394 and text.startswith("First Citizen:")
 
 
 def test_user_file(text_file):
     config = tiny_config(**{"data.path": str(text_file)}).data
-    assert data.load_text(config) == text_file.read_text()
+    assert text_files.read_text(config) == text_file.read_text()
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="data file not found: .*nope.txt"):
-        data.load_text(tiny_config(**{"data.path": str(tmp_path / "nope.txt")}).data)
+        text_files.read_text(tiny_config(**{"data.path": str(tmp_path / "nope.txt")}).data)
 
 
 def test_empty_file(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(UserError, match="data file is empty"):
-        data.load_text(tiny_config(**{"data.path": str(tmp_path / "empty.txt")}).data)
+        text_files.read_text(tiny_config(**{"data.path": str(tmp_path / "empty.txt")}).data)
 
 
 def test_not_utf8(tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"abc\n\xff\xfe\x00abc")
     config = tiny_config(**{"data.path": str(tmp_path / "bin.txt")}).data
     with pytest.raises(UserError, match="not valid UTF-8 text: byte 0xff at offset 4; .*replace"):
-        data.load_text(config)
+        text_files.read_text(config)
     config.decode_errors = "replace"
-    assert data.load_text(config) == "abc\n\ufffd\ufffd\x00abc"
+    assert text_files.read_text(config) == "abc\n\ufffd\ufffd\x00abc"
 
 
 def test_not_utf8_in_a_large_file_names_the_byte_offset(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CHUNK_BYTES", 5)
+    monkeypatch.setattr(text_files, "CHUNK_BYTES", 5)
     path = tmp_path / "big.txt"
     path.write_bytes("é\nabc é\n".encode() * 3 + b"xy\xc3(")  # a bad sequence at 32
     with pytest.raises(UserError, match="byte 0xc3 at offset 32"):
-        list(data.FileCorpus(path).chunks())
-    replaced = "".join(data.FileCorpus(path, errors="replace").chunks())
+        list(text_files.FileCorpus(path).chunks())
+    replaced = "".join(text_files.FileCorpus(path, errors="replace").chunks())
     assert replaced == "é\nabc é\n" * 3 + "xy\ufffd("
 
 
@@ -64,7 +66,7 @@ def test_split_too_short():
 
 def test_sample_batch_targets_are_next_tokens():
     tokens = jax.numpy.arange(500)
-    x, y = jax.jit(data.sample_batch, static_argnums=(2, 3))(tokens, jax.random.key(0), 6, 16)
+    x, y = jax.jit(batching.sample_batch, static_argnums=(2, 3))(tokens, jax.random.key(0), 6, 16)
     assert x.shape == y.shape == (6, 16)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x) + 1)
     np.testing.assert_array_equal(np.asarray(x[:, 1:]), np.asarray(x[:, :-1]) + 1)
@@ -85,12 +87,12 @@ def test_download_only_when_asked_and_absent(tmp_path, monkeypatch):
     target = tmp_path / "sub" / "input.txt"
     config = tiny_config(**{"data.path": str(target)}).data
     with pytest.raises(UserError, match="not found"):
-        data.load_text(config)  # data.download is off by default
+        text_files.read_text(config)  # text_files.download is off by default
     assert calls == []
     config.download = True
-    assert data.load_text(config) == "To be, or not to be"
-    assert calls == [data.TINY_SHAKESPEARE_URL]
-    assert data.load_text(config) == "To be, or not to be"  # present now: no second download
+    assert text_files.read_text(config) == "To be, or not to be"
+    assert calls == [config_defaults.TINY_SHAKESPEARE_URL]
+    assert text_files.read_text(config) == "To be, or not to be"  # present now: no second download
     assert len(calls) == 1
 
 
@@ -100,32 +102,32 @@ def test_download_failure_is_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlopen", fail)
     with pytest.raises(UserError, match="cannot download .*no network"):
-        data.download("http://example.invalid/x.txt", tmp_path / "x.txt")
+        text_files.download("http://example.invalid/x.txt", tmp_path / "x.txt")
     assert not (tmp_path / "x.txt").exists()
 
 
 def test_file_corpus_chunks_are_the_text_cut_after_newlines(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CHUNK_BYTES", 32)  # reads end inside multi-byte characters
+    monkeypatch.setattr(text_files, "CHUNK_BYTES", 32)  # reads end inside multi-byte characters
     text = "".join(f"l{i}: été 😀\n" for i in range(30)) + "no newline at the end"
     path = tmp_path / "t.txt"
     path.write_text(text)
-    chunks = list(data.FileCorpus(path).chunks())
+    chunks = list(text_files.FileCorpus(path).chunks())
     assert "".join(chunks) == text and len(chunks) > 10
     assert all(c.endswith("\n") for c in chunks[:-1])
-    head = "".join(data.FileCorpus(path).chunks(0.5))
+    head = "".join(text_files.FileCorpus(path).chunks(0.5))
     assert text.startswith(head) and abs(len(head.encode()) - len(text.encode()) / 2) < 30
 
 
 def _large_corpus(tmp_path, text_file):
     config = tiny_config(**{"data.path": str(text_file), "data.memmap_above_mb": 0.0}).data
     corpus = data.open_corpus(config)
-    assert isinstance(corpus, data.FileCorpus)
+    assert isinstance(corpus, text_files.FileCorpus)
     return corpus
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_token_cache_equals_in_memory_tokens_and_is_reused(tmp_path, text_file, kind, monkeypatch):
-    monkeypatch.setattr(data, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(text_files, "CHUNK_BYTES", 4096)
     text = text_file.read_text()
     corpus = _large_corpus(tmp_path, text_file)
     if kind == "char":
@@ -164,19 +166,21 @@ def test_memory_mapped_batches_equal_in_memory_batches(tmp_path, text_file):
     mapped = corpus.tokens(tokenizer)
     on_device = jax.numpy.asarray(tokenizer.encode(text_file.read_text()))
     key = jax.random.key(3)
-    sample = jax.jit(data.sample_batch, static_argnums=(2, 3))
+    sample = jax.jit(batching.sample_batch, static_argnums=(2, 3))
     for step in (0, 1, 17):
-        batch_key, _ = data.step_keys(key, step)
-        host_x, host_y = data.host_batch(mapped, batch_key, 8, 32)
+        batch_key, _ = batching.step_keys(key, step)
+        host_x, host_y = batching.sample_batch_numpy(mapped, batch_key, 8, 32)
         device_x, device_y = sample(on_device, batch_key, 8, 32)
         assert host_x.dtype == np.int32
         np.testing.assert_array_equal(host_x, device_x)
         np.testing.assert_array_equal(host_y, device_y)
-    batches = data.HostBatches(mapped, key, 8, 32, start_step=5)
+    batches = batching.PrefetchedBatches(mapped, key, 8, 32, start_step=5)
     try:
         for step in range(5, 9):  # prefetched in order, from each step's key
             x, _ = next(batches)
-            expected, _ = data.host_batch(mapped, data.step_keys(key, step)[0], 8, 32)
+            expected, _ = batching.sample_batch_numpy(
+                mapped, batching.step_keys(key, step)[0], 8, 32
+            )
             np.testing.assert_array_equal(np.asarray(x), expected)
     finally:
         batches.close()
@@ -189,3 +193,34 @@ def test_chars_per_token():
     bpe = BpeTokenizer.train([text], vocab_size=8)
     ids = bpe.encode(text)
     assert data.chars_per_token(bpe, ids) == pytest.approx(len(text) / len(ids))
+
+
+def test_load_dataset_returns_the_tokenizer_and_the_splits(text_file):
+    config = tiny_config(**{"data.path": str(text_file)}).data
+    dataset = data.load_dataset(config)
+    text = text_file.read_text()
+    tokens = np.concatenate([dataset.train, dataset.val])
+    np.testing.assert_array_equal(tokens, dataset.tokenizer.encode(text))
+    assert len(dataset.train) == int(len(text) * 0.9)
+    assert dataset.chars_per_token == 1.0 and dataset.on_device
+    again = data.load_dataset(config, dataset.tokenizer)  # a resumed run's tokenizer, as is
+    assert again.tokenizer is dataset.tokenizer
+    np.testing.assert_array_equal(again.val, dataset.val)
+
+
+@pytest.mark.parametrize("field", ["source", "decode_errors", "batches"])
+def test_check_config_names_a_bad_choice(field):
+    config = tiny_config().data
+    data.check_config(config)
+    config[field] = "nope"
+    with pytest.raises(UserError, match=f"data.{field} must be one of .*, got 'nope'"):
+        data.check_config(config)
+
+
+def test_loading_a_config_file_imports_neither_jax_nor_the_data_stack():
+    code = (
+        "import sys, configs.transformer, configs.mlp;"
+        "loaded = {'jax', 'tqdm', 'tokenizers'} & set(sys.modules);"
+        "assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,6 +61,15 @@ def test_factory_builds_configured_classes():
     assert isinstance(build("mlp"), MLP)
     model = build("transformer", **{"model.num_layers": 3, "model.embedding_dim": 24})
     assert len(model.blocks) == 3 and model.embed.embedding.shape == (VOCAB, 24)
+    assert all(isinstance(build(name), models.CachedDecoder) for name in ("transformer", "mlp"))
+
+
+def test_count_params():
+    config = tiny_config("mlp")  # 4 characters of 8 dimensions, 2 hidden layers of 32
+    expected = (VOCAB + 1) * 8 + 2 * (32 * 32 + 32) + 32 * VOCAB + VOCAB
+    assert models.count_params(models.abstract_model(config, VOCAB)) == expected
+    model = create_model(config, VOCAB, nnx.Rngs(0))
+    assert models.count_params(model) == models.count_params(nnx.state(model)) == expected
 
 
 def test_mlp_window_is_context_size():
@@ -82,6 +93,16 @@ def test_bad_architecture_fields():
         build("transformer", **{"model.num_heads": 5})
     with pytest.raises(UserError, match="model.position"):
         build("transformer", **{"model.position": "sinusoid"})
+    with pytest.raises(UserError, match="model.norm"):
+        models.check_config(tiny_config(**{"model.norm": "batchnorm"}))
+    with pytest.raises(UserError, match="model.dtype"):
+        models.check_config(tiny_config("mlp", **{"model.dtype": "float77"}))
+    with pytest.raises(UserError, match="model.name"):
+        models.check_config(tiny_config(**{"model.name": "rnn"}))
+    models.check_config(tiny_config())
+    cfg = models.model_config(tiny_config(), VOCAB)
+    with pytest.raises(ValueError, match="not divisible"):  # the dataclass checks itself
+        dataclasses.replace(cfg, num_heads=3)
 
 
 def test_dropout_masks():

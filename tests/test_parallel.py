@@ -18,8 +18,8 @@ from conftest import ROOT, TINY_MODEL, TINY_TRAIN, tiny_config
 from flax import nnx
 
 from charlm_jax import models, parallel, train
-from charlm_jax.data import embedded_tiny_shakespeare
 from charlm_jax.metrics import read_history
+from charlm_jax.text_files import embedded_tiny_shakespeare
 from charlm_jax.tokenizers import CharTokenizer
 
 STEPS = {"train.num_steps": 4, "train.log_every": 1, "train.eval_every": 4}

@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import tiny_config
 
-from charlm_jax import data, tfds_text
+from charlm_jax import data, text_files, tfds_text
 from charlm_jax.errors import UserError
 
 
@@ -18,7 +18,7 @@ def tfds_config(tmp_path, **overrides):
 
 
 def test_local_corpus_prepares_and_reads_back_exactly_the_text(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CHUNK_BYTES", 16)  # several records per file
+    monkeypatch.setattr(text_files, "CHUNK_BYTES", 16)  # several records per file
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "a.txt").write_text("Première ligne 😀\nseconde ligne\n" * 3)
@@ -27,7 +27,7 @@ def test_local_corpus_prepares_and_reads_back_exactly_the_text(tmp_path, monkeyp
     expected = (folder / "a.txt").read_text() + (folder / "b.txt").read_text()
     config = tfds_config(tmp_path, **{"data.tfds_name": "my_corpus", "data.path": str(folder)})
     corpus = data.open_corpus(config)
-    assert isinstance(corpus, data.TextCorpus) and corpus.text == expected
+    assert isinstance(corpus, text_files.TextCorpus) and corpus.text == expected
     builder = tfds_text.local_builder(config)
     assert builder.info.full_name == "local_text/my_corpus/1.0.0"
     assert builder.info.splits["train"].num_examples > 3
@@ -37,13 +37,13 @@ def test_local_corpus_prepares_and_reads_back_exactly_the_text(tmp_path, monkeyp
         raise AssertionError("prepared again")
 
     monkeypatch.setattr(tfds_text.LocalText, "_generate_examples", fail)
-    assert tfds_text.load_text(config) == expected  # the prepared dataset, read back
+    assert tfds_text.read_tfds_text(config) == expected  # the prepared dataset, read back
     monkeypatch.undo()
     (folder / "b.txt").write_text("changed")  # a changed corpus is prepared again
-    assert tfds_text.load_text(config) == (folder / "a.txt").read_text() + "changed"
+    assert tfds_text.read_tfds_text(config) == (folder / "a.txt").read_text() + "changed"
     files = f"{folder / 'b.txt'}, {folder / 'a.txt'}"
     config = tfds_config(tmp_path, **{"data.tfds_name": "two", "data.path": files})
-    assert tfds_text.load_text(config) == "changed" + (folder / "a.txt").read_text()
+    assert tfds_text.read_tfds_text(config) == "changed" + (folder / "a.txt").read_text()
     if importlib.util.find_spec("tensorflow") is None:
         assert "tensorflow" not in sys.modules
 
@@ -51,15 +51,15 @@ def test_local_corpus_prepares_and_reads_back_exactly_the_text(tmp_path, monkeyp
 def test_catalog_dataset_from_a_manual_dir(tmp_path):
     manual = tmp_path / "manual"
     manual.mkdir()
-    shutil.copy(data.embedded_tiny_shakespeare(), manual / "input.txt")
+    shutil.copy(text_files.embedded_tiny_shakespeare(), manual / "input.txt")
     config = tfds_config(tmp_path, **{"data.tfds_name": "tiny_shakespeare"})
     with pytest.raises(UserError, match="not prepared in .*data.tfds_manual_dir"):
-        tfds_text.load_text(config)
+        tfds_text.read_tfds_text(config)
     config.tfds_manual_dir = str(manual)
     # Its train, validation and test splits, in order, are the whole file.
-    assert tfds_text.load_text(config) == data.embedded_tiny_shakespeare().read_text()
+    assert tfds_text.read_tfds_text(config) == text_files.embedded_tiny_shakespeare().read_text()
     config.tfds_manual_dir = ""
-    assert len(tfds_text.load_text(config)) == 1_115_394  # prepared: no sources needed
+    assert len(tfds_text.read_tfds_text(config)) == 1_115_394  # prepared: no sources needed
 
 
 @pytest.mark.parametrize(
