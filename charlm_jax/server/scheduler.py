@@ -204,12 +204,14 @@ class Scheduler:
         at once, so that no request waits for a compilation (seconds on a CPU)."""
         slots = self.engine.num_slots
         counts = sorted({min(1 << i, slots) for i in range(slots.bit_length() + 1)})
-        for width in engine.prefill_buckets(self.engine.context):
-            for count in counts:
-                for _ in range(count):
-                    self.engine.insert(engine.Request(np.zeros(width, np.int32), 1))
-                while self.engine.active_slots():
-                    self.engine.step()
+        shapes = [(w, c) for w in engine.prefill_buckets(self.engine.context) for c in counts]
+        # One request first: jit compiles the first call again for the engine's initial
+        # state (not yet committed to a device, unlike the states its calls return).
+        for width, count in [(1, 1), *shapes]:
+            for _ in range(count):
+                self.engine.insert(engine.Request(np.zeros(width, np.int32), 1))
+            while self.engine.active_slots():
+                self.engine.step()
 
     def _next_admissions(self) -> list[Sequence] | None:
         """Waits for work; drops cancelled and expired waiting sequences, and returns those
