@@ -1,13 +1,14 @@
 """Training metrics: averaged with clu, logged to DIR/metrics.jsonl (the run's history, read by
-the plots) and to TensorBoard event files in DIR/tensorboard (tensorboardX: no TensorFlow)."""
+the plots) and to TensorBoard event files in DIR/tensorboard (no TensorFlow: `events`)."""
 
 import json
 import math
 from pathlib import Path
 
 import flax
-import tensorboardX
 from clu import metrics as clu_metrics
+
+from charlm_jax.events import EventFile
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -45,9 +46,7 @@ class MetricsLog:
         self._tensorboard = None
         if not read_only:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-            self._tensorboard = tensorboardX.SummaryWriter(
-                str(workdir / TENSORBOARD_DIR), purge_step=start_step + 1, flush_secs=30
-            )
+            self._tensorboard = EventFile(workdir / TENSORBOARD_DIR, purge_step=start_step + 1)
 
     def write(self, step: int, kind: str, **values: float) -> None:
         record = {"step": step, "kind": kind, **values}
@@ -58,6 +57,7 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         for name, value in values.items():
             self._tensorboard.add_scalar(f"{kind}/{name}", value, step)
+        self._tensorboard.flush()
 
     def evals(self) -> list[dict]:
         return [r for r in self.history if r["kind"] == "eval"]

@@ -33,11 +33,11 @@ from clu import parameter_overview
 from flax import nnx
 from jax.sharding import Mesh
 
-from charlm_jax import batching, checkpoints, data, models, parallel, plotting
+from charlm_jax import batching, checkpoints, data, models, parallel
 from charlm_jax import workdir as workdir_lib
 from charlm_jax.errors import UserError
 from charlm_jax.metrics import MetricsLog, TrainMetrics, bits_per_character
-from charlm_jax.tokenizers import Tokenizer, create_tokenizer, load_tokenizer
+from charlm_jax.tokenizers import Tokenizer, load_tokenizer
 
 LOSS_CURVE_FILE = "loss_curve.png"
 
@@ -243,9 +243,10 @@ def evals_without_improvement(val_losses: list[float], min_delta: float) -> int:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises UserError for a config that cannot train, before anything is loaded: a count
-    or size below 1, or a model the config does not describe (an unknown name, position or
-    norm, num_heads not dividing the width, a bad dtype)."""
+    """Raises UserError for a config that cannot train, before anything is read: a count or
+    size below 1, a `model` field no model can be built from (an unknown name, position or
+    norm, num_heads not dividing the width, a bad dtype), or a `data` field that is not one
+    of its choices."""
     tc = config.train
     sizes = {
         "train.num_steps": tc.num_steps, "train.eval_every": tc.eval_every,
@@ -256,8 +257,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name, value in sizes.items():
         if value < 1:
             raise UserError(f"{name} must be positive, got {value}")
-    # Builds the model abstractly (no arrays, no devices): its constructors check the rest.
-    nnx.eval_shape(lambda: models.create_model(config, 2, nnx.Rngs(0)))
+    models.check_config(config)
+    data.check_config(config.data)
 
 
 def _format_duration(seconds: float) -> str:
@@ -299,23 +300,6 @@ class _Run:
         return [r["val_loss"] for r in self.log.evals()]
 
 
-def _load_data(config: ml_collections.ConfigDict, workdir: Path, resuming: bool):
-    """(tokenizer, train tokens, val tokens, whether batches are drawn on the device): the
-    workdir's tokenizer when resuming, else one made from the corpus."""
-    corpus = data.open_corpus(config.data)
-    if resuming:
-        workdir_lib.check_resumable(config, workdir)
-        tokenizer = load_tokenizer(workdir / checkpoints.TOKENIZER_FILE)
-    else:
-        train_part = corpus.chunks(1.0 - config.data.val_fraction)
-        tokenizer = create_tokenizer(config.data, corpus.chunks(), train_part)
-    tokens = corpus.tokens(tokenizer)
-    train_np, val_np = data.split_tokens(
-        tokens, config.data.val_fraction, config.data.sequence_length
-    )
-    return tokenizer, train_np, val_np, data.batches_on_device(config.data, tokens)
-
-
 def _with_epochs_as_steps(config: ml_collections.ConfigDict, train_tokens: int):
     """`config`, or with `train.num_epochs` > 0 a copy whose `train.num_steps` covers them
     (the learning-rate schedule and the saved config use it)."""
@@ -331,13 +315,14 @@ def _with_epochs_as_steps(config: ml_collections.ConfigDict, train_tokens: int):
     return config
 
 
-def _batch_source(config, train_np, val_np, mesh, start_step: int, on_device: bool, keys):
+def _batch_source(config, dataset: data.Dataset, mesh, start_step: int, keys):
     """(each step's batch data, the two splits' evaluation data, the train step's batch
     argument spec): the token arrays on the devices, or batches drawn on the host from
     `keys`, (data key, eval key)."""
     tc, seq_len = config.train, config.data.sequence_length
     data_key, eval_key = keys
-    if on_device:
+    train_np, val_np = dataset.train, dataset.val
+    if dataset.on_device:
         train_tokens, val_tokens = (
             parallel.put_replicated(np.asarray(t, np.int32), mesh) for t in (train_np, val_np)
         )
@@ -365,10 +350,14 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path, closing: contextlib
         checkpoints.open_manager(workdir, keep_latest=max(config.train.keep_checkpoints, 1))
     )  # leaving it waits for background saves to finish
     resuming = bool(manager.all_steps())
-    tokenizer, train_np, val_np, on_device = _load_data(config, workdir, resuming)
-    config = _with_epochs_as_steps(config, len(train_np))
+    if resuming:
+        workdir_lib.check_resumable(config, workdir)
+    dataset = data.load_dataset(
+        config.data, load_tokenizer(workdir / checkpoints.TOKENIZER_FILE) if resuming else None
+    )
+    config = _with_epochs_as_steps(config, len(dataset.train))
     train_step, model_def, model_state, opt_state, schedule = build_training(
-        config, tokenizer.vocab_size, mesh, on_device
+        config, dataset.tokenizer.vocab_size, mesh, dataset.on_device
     )
     num_params = models.count_params(model_state)
     logging.info(
@@ -382,18 +371,18 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path, closing: contextlib
         )
         logging.info("Resuming from step %d in %s", start_step, workdir)
     elif is_main:
-        checkpoints.save_run_files(workdir, config, tokenizer)
+        checkpoints.save_run_files(workdir, config, dataset.tokenizer)
     log = MetricsLog(workdir, start_step, read_only=not is_main)
     closing.callback(log.close)
     data_key, eval_key = jax.random.split(jax.random.key(config.train.seed))
     batches, eval_data, batch_spec = _batch_source(
-        config, train_np, val_np, mesh, start_step, on_device, (data_key, eval_key)
+        config, dataset, mesh, start_step, (data_key, eval_key)
     )
     closing.callback(batches.close)
     train_step = train_step.lower(model_state, opt_state, batch_spec, data_key).compile()
     eval_step = make_eval_step(
         model_def, mesh, config.train.batch_size, config.data.sequence_length,
-        config.train.eval_batches, on_device,
+        config.train.eval_batches, dataset.on_device,
     )  # fmt: skip
 
     def evaluate(state: nnx.State) -> tuple[float, float]:
@@ -408,7 +397,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path, closing: contextlib
     )  # fmt: skip
     closing.callback(progress.close)
     run = _Run(
-        config, workdir, tokenizer, data.chars_per_token(tokenizer, val_np), num_params,
+        config, workdir, dataset.tokenizer, dataset.chars_per_token, num_params,
         start_step, resuming, train_step, evaluate, schedule, batches, data_key, manager, log,
         progress, is_main,
     )  # fmt: skip
@@ -460,12 +449,18 @@ def _evaluate_and_checkpoint(run: _Run, step: int, model_state, opt_state) -> No
         val_bpc=bits_per_character(val_loss, run.chars_per_token),
         tokens=step * run.tokens_per_step,
     )  # fmt: skip
-    if run.is_main:
-        plotting.plot_loss_curve(run.log.history, run.workdir / LOSS_CURVE_FILE, str(run.workdir))
     logging.info(
         "eval step %d: train loss %.4f  val loss %.4f  (best %.4f)",
         step, train_loss, val_loss, min(run.val_history()),
     )  # fmt: skip
+
+
+def _plot_loss_curve(run: _Run) -> None:
+    """DIR/loss_curve.png, drawn once at the end (`python -m charlm_jax.plot DIR` draws it
+    during a run): matplotlib is imported only here, as it takes a second."""
+    from charlm_jax import plotting
+
+    plotting.plot_loss_curve(run.log.history, run.workdir / LOSS_CURVE_FILE, str(run.workdir))
 
 
 def _early_stop(train_config: ml_collections.ConfigDict, val_history: list[float]) -> str | None:
@@ -519,6 +514,8 @@ def train_and_evaluate(
             elif is_checkpoint:
                 checkpoints.save(run.manager, step, model_state, opt_state)
             tick = time.perf_counter()
+        if run.is_main:  # while the last checkpoint is written
+            _plot_loss_curve(run)
     summary = _summary(run, step, stop_reason or "num_steps", time.perf_counter() - wall_start)
     if run.is_main:
         workdir_lib.write_summary(run.workdir, summary)

@@ -3,6 +3,7 @@
 import json
 import math
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from conftest import ROOT, tiny_config
 from flax import nnx
 from test_cli import CONFIG, TINY_FLAGS
 
-from charlm_jax import checkpoints, train
+from charlm_jax import checkpoints, events, train
 from charlm_jax.errors import UserError
 from charlm_jax.metrics import read_history
 
@@ -149,11 +150,36 @@ def test_diverging_loss_stops_with_a_clear_error(tmp_path, text_file):
         train.train_and_evaluate(config, tmp_path / "run")
 
 
+def event_records(path):
+    """The records of a TFRecord file, each one's framing and checksums checked."""
+    raw, records = path.read_bytes(), []
+    while raw:
+        (length,) = struct.unpack("<Q", raw[:8])
+        record = raw[12 : 12 + length]
+        assert struct.unpack("<I", raw[8:12])[0] == events.masked_crc32c(raw[:8])
+        assert struct.unpack("<I", raw[12 + length : 16 + length])[0] == events.masked_crc32c(
+            record
+        )
+        records.append(record)
+        raw = raw[16 + length :]
+    return records
+
+
 def test_event_files_and_plots(tmp_path, text_file):
-    for name in ("a", "b"):
+    assert events.masked_crc32c(b"123456789") == 0xC78AB0E5  # CRC-32C's check value, masked
+    summaries = [
         train.train_and_evaluate(config_for(text_file, **{"train.num_steps": 20}), tmp_path / name)
-    events = list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
-    assert events and events[0].stat().st_size > 0
+        for name in ("a", "b")
+    ]
+    files = list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
+    records = event_records(files[0])
+    assert b"brain.Event:2" in records[0]  # the file version comes first
+    for tag, value in (("eval/val_loss", summaries[0]["final_val_loss"]), ("train/loss", None)):
+        # Summary.Value{tag = 1, simple_value = 2 (float32)}
+        field = bytes([0x0A, len(tag)]) + tag.encode() + b"\x15"
+        if value is not None:
+            field += struct.pack("<f", value)
+        assert any(field in r for r in records), tag
     png = tmp_path / "a" / "loss_curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     out = tmp_path / "both.png"
