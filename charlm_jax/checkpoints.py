@@ -8,14 +8,7 @@ DIR/summary.json       written at the end of training
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
-import os
-import sys
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -112,7 +105,9 @@ def restore(
     model_state: nnx.State,
     opt_state: nnx.State | None = None,
 ) -> tuple[nnx.State, nnx.State | None]:
-    """Restores the checkpoint at `step` into states shaped like the given ones."""
+    """Restores the checkpoint at `step` into states shaped like the given ones. A missing or
+    damaged one raises UserError naming the file that could not be read; its reads still in
+    flight may print tracebacks as they finish (the CLIs hold stderr: `cli.stderr_held`)."""
 
     def target(state):
         return ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
@@ -120,46 +115,14 @@ def restore(
     items = {"model": target(model_state)}
     if opt_state is not None:
         items["opt"] = target(opt_state)
-    restored = _restore_quietly(manager, step, ocp.args.Composite(**items))
-    return restored["model"], restored.get("opt") if opt_state is not None else None
-
-
-def _restore_quietly(manager: ocp.CheckpointManager, step: int, args) -> dict:
-    """`manager.restore` with the process's stderr held in a temporary file: replayed after
-    a success; dropped after a failure, once the reads still in flight have finished and been
-    collected. (TensorStore completes them on orbax's closed event loop and each prints a
-    traceback; asyncio logs each unretrieved failure.) A failure raises UserError in one
-    line."""
     error = None
-    with tempfile.TemporaryFile() as held:
-        with _stderr_into(held):
-            try:
-                restored = manager.restore(step, args=args)
-            except Exception as e:  # orbax raises many types for missing or damaged files
-                error = f"cannot restore checkpoint {step} in {manager.directory}: {_root_cause(e)}"
-            if error is not None:  # outside `except`, whose traceback keeps the reads alive
-                time.sleep(0.5)
-                gc.collect()
-        if error is not None:
-            raise UserError(error)
-        held.seek(0)
-        sys.stderr.write(held.read().decode(errors="replace"))
-    return restored
-
-
-@contextlib.contextmanager
-def _stderr_into(file) -> Iterator[None]:
-    """Points the process's stderr, file descriptor 2 (where TensorStore's C++ threads write
-    too), at `file` for the block."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    os.dup2(file.fileno(), 2)
     try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax raises many types for missing or damaged files
+        error = f"cannot restore checkpoint {step} in {manager.directory}: {_root_cause(e)}"
+    if error is not None:  # raised outside `except`: its traceback would keep the reads alive
+        raise UserError(error)
+    return restored["model"], restored.get("opt") if opt_state is not None else None
 
 
 def _root_cause(error: BaseException) -> str:
@@ -195,7 +158,8 @@ def save_run_files(workdir: Path, config: ml_collections.ConfigDict, tokenizer) 
     tokenizer.save(workdir / TOKENIZER_FILE)
 
 
-def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The config saved in DIR/config.json."""
     path = Path(workdir) / CONFIG_FILE
     try:
         return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -213,7 +177,7 @@ def load_model(
     workdir = Path(workdir)
     if not (workdir / CHECKPOINT_DIR).is_dir():
         raise UserError(f"no checkpoints in {workdir}")
-    config = load_config(workdir)
+    config = read_run_config(workdir)
     tokenizer = load_tokenizer(workdir / TOKENIZER_FILE)
     model = models.abstract_model(config, tokenizer.vocab_size)
     graphdef, abstract_state = nnx.split(model)

@@ -1,17 +1,23 @@
 """What the command-line entry points share: flag parsing that fails in one line, quiet
-library logs, and signals that stop a run cleanly."""
+library logs, stderr held while a checkpoint loads, and signals that stop a run cleanly."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging as pylogging
+import os
 import signal
 import sys
+import tempfile
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 
 from absl import flags, logging
 
 PACKAGE_DIR = "charlm_jax/"
+STRAY_OUTPUT_WAIT_S = 0.5  # for the reads a failed restore left in flight to finish
 
 
 def _keep_record(record: pylogging.LogRecord) -> bool:
@@ -22,6 +28,35 @@ def quiet_library_logs() -> None:
     """Shows this package's INFO lines and everyone's warnings; orbax and jax log every file
     they touch at INFO."""
     logging.get_absl_handler().addFilter(_keep_record)
+
+
+@contextlib.contextmanager
+def stderr_held() -> Iterator[None]:
+    """Holds the process's stderr, file descriptor 2 (where TensorStore's threads write too),
+    in a temporary file for the block: replayed if the block succeeds, dropped if it raises.
+
+    For loading a checkpoint: after a failed restore, the reads still in flight finish on
+    orbax's closed event loop and each prints a traceback, and asyncio logs each failure
+    nobody retrieved. Those are collected and waited for before stderr is released, so the
+    CLI's one-line error is all the user sees."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            if failed:
+                gc.collect()
+                time.sleep(STRAY_OUTPUT_WAIT_S)
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not failed:
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
 
 
 def one_line(error: BaseException) -> str:

@@ -101,7 +101,8 @@ def main(argv: list[str]) -> None:
     try:
         if FLAGS.num_samples < 1:
             raise UserError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
-        sampler = Sampler.from_workdir(FLAGS.workdir, _parse_checkpoint(FLAGS.checkpoint))
+        with cli.stderr_held():
+            sampler = Sampler.from_workdir(FLAGS.workdir, _parse_checkpoint(FLAGS.checkpoint))
         if FLAGS.interactive:
             interactive(sampler, {
                 "temperature": 1.0 if FLAGS.temperature is None else FLAGS.temperature,

@@ -90,9 +90,10 @@ def main(argv: list[str]) -> None:
     )
     try:
         checkpoint = int(FLAGS.checkpoint) if FLAGS.checkpoint.isdigit() else FLAGS.checkpoint
-        service = Service.from_workdir(
-            Path(FLAGS.workdir), checkpoint, FLAGS.num_slots, FLAGS.quantize, options
-        )
+        with cli.stderr_held():
+            service = Service.from_workdir(
+                Path(FLAGS.workdir), checkpoint, FLAGS.num_slots, FLAGS.quantize, options
+            )
     except ValueError as e:  # UserError is one
         sys.exit(f"error: {e}")
     logging.info("serving %s on http://%s:%d", service.info.id, FLAGS.host, FLAGS.port)

@@ -46,7 +46,7 @@ def _flat(config: ml_collections.ConfigDict) -> dict:
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """UserError unless the checkpoints in `workdir` hold the model `config` describes."""
-    now, there = _flat(config), _flat(checkpoints.load_config(workdir))
+    now, there = _flat(config), _flat(checkpoints.read_run_config(workdir))
     differing = [
         f"{name}: {there.get(name)!r} there, {now.get(name)!r} now"
         for name in sorted(set(now) | set(there))

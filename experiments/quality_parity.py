@@ -43,7 +43,7 @@ PEER = Path(__file__).resolve().parent / "pytorch_peer.py"
 def whole_val_loss(workdir: Path) -> float:
     """Mean loss of the validation text in windows of the context, best checkpoint."""
     sampler = Sampler.from_workdir(workdir, checkpoint="best")
-    config = checkpoints.load_config(workdir)
+    config = checkpoints.read_run_config(workdir)
     tokens = sampler.tokenizer.encode(text_files.read_text(config.data))
     _, val = data.split_tokens(tokens, config.data.val_fraction, config.data.sequence_length)
     return -float(np.mean(sampler.log_probs(sampler.tokenizer.decode(val))))
