@@ -23,7 +23,7 @@ MODEL = dict(
 
 PRESETS = {
     # The nanogpt_baby model trained 2.5x longer on 16-sequence batches: readable
-    # Shakespeare-like text in about 5 minutes on a 2-core CPU.
+    # Shakespeare-like text in minutes on a CPU (docs/results.md).
     "default": {
         "data.sequence_length": 64,
         "train.batch_size": 16,
@@ -51,8 +51,8 @@ PRESETS = {
         "model.dropout_rate": 0.1,
         "train.num_steps": 5000,
     },
-    # experiments/demo.py: a small model trained for about a minute on a 2-core CPU (RoPE:
-    # it learns much faster than learned positions in short runs, see README "Results").
+    # experiments/demo.py: a small model trained briefly on a CPU (RoPE: it learns much
+    # faster than learned positions in short runs, docs/results.md).
     "demo": {
         "model.embedding_dim": 64,
         "model.hidden_dim": 256,
