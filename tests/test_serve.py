@@ -168,7 +168,7 @@ def metric(server, name, labels=""):
     return float(found.group(1)) if found else 0.0
 
 
-def wait_until(condition, timeout=10.0):
+def wait_until(condition, timeout=30.0):
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
