@@ -9,6 +9,7 @@ DIR/summary.json       written at the end of training
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -168,11 +169,14 @@ def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
 
 
 def load_model(
-    workdir: str | Path, checkpoint: str | int = "best"
+    workdir: str | Path,
+    checkpoint: str | int = "best",
+    transform: Callable[[nnx.Module], nnx.Module] | None = None,
 ) -> tuple[nnx.Module, Tokenizer, ml_collections.ConfigDict]:
     """Loads a trained model, its tokenizer and config from a workdir.
 
-    `checkpoint` is "best" (lowest validation loss), "latest" or a step number.
+    `checkpoint` is "best" (lowest validation loss), "latest" or a step number. A checkpoint
+    of a transformed model (e.g. `quantize.quantize_model`) loads with that `transform`.
     """
     workdir = Path(workdir)
     if not (workdir / CHECKPOINT_DIR).is_dir():
@@ -180,6 +184,8 @@ def load_model(
     config = read_run_config(workdir)
     tokenizer = load_tokenizer(workdir / TOKENIZER_FILE)
     model = models.abstract_model(config, tokenizer.vocab_size)
+    if transform is not None:
+        model = nnx.eval_shape(transform, model)
     graphdef, abstract_state = nnx.split(model)
     # Onto one device, however many devices the checkpoint was written from.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

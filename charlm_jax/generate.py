@@ -30,6 +30,7 @@ flags.DEFINE_integer("beam_size", 1, "Beam search with this many beams (no sampl
 flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same text.")
 flags.DEFINE_string("stop", None, "Cut each sample before the first occurrence of this text.")
 flags.DEFINE_bool("interactive", False, "Prompt loop; type `help` for its commands.")
+flags.DEFINE_string("quantize", "none", 'Dense layers: "none" (float32) or "int8" dots.')
 FLAGS = flags.FLAGS
 
 HELP = """Type a prompt and press Enter to continue it. Commands:
@@ -102,7 +103,9 @@ def main(argv: list[str]) -> None:
         if FLAGS.num_samples < 1:
             raise UserError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
         with cli.stderr_held():
-            sampler = Sampler.from_workdir(FLAGS.workdir, _parse_checkpoint(FLAGS.checkpoint))
+            sampler = Sampler.from_workdir(
+                FLAGS.workdir, _parse_checkpoint(FLAGS.checkpoint), FLAGS.quantize
+            )
         if FLAGS.interactive:
             interactive(sampler, {
                 "temperature": 1.0 if FLAGS.temperature is None else FLAGS.temperature,

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from charlm_jax import checkpoints
+from charlm_jax import quantize as quantization
 from charlm_jax.engine import STEPS_PER_CALL, Engine, Request, check_sampling_args
 from charlm_jax.tokenizers import Tokenizer
 
@@ -193,9 +193,12 @@ class Sampler:
         )
 
     @classmethod
-    def from_workdir(cls, workdir: str | Path, checkpoint: str | int = "best") -> Sampler:
-        """Loads a trained workdir; `checkpoint` is "best", "latest" or a step number."""
-        model, tokenizer, config = checkpoints.load_model(workdir, checkpoint)
+    def from_workdir(
+        cls, workdir: str | Path, checkpoint: str | int = "best", quantize: str = "none"
+    ) -> Sampler:
+        """Loads a trained workdir; `checkpoint` is "best", "latest" or a step number;
+        `quantize` "int8" runs the dense layers as int8 dots (charlm_jax/quantize.py)."""
+        model, tokenizer, config = quantization.load_model(workdir, checkpoint, quantize)
         return cls(model, tokenizer, config.data.sequence_length)
 
     def engine(self, rows: int, steps_per_call: int | None = None) -> Engine:

@@ -1,0 +1,208 @@
+"""Post-training int8 quantization of a model's dense layers (docs/quantization.md).
+
+    python -m charlm_jax.quantize --workdir=DIR --out=DIR2   # exports an int8 checkpoint
+
+`quantize_model(model, "int8")` returns a copy in which every `nnx.Linear` (the Transformer's
+attention qkv/out and MLP up/down projections; the MLP model's hidden layers and head) and the
+Transformer's tied output head run as int8 x int8 -> int32 dots: weights quantized once per
+output channel, activations per row on the fly (symmetric, absmax). Embedding lookups, norms,
+softmax, attention and the residual stream stay float32. The copy is an ordinary NNX module
+with the same methods (`__call__`, `init_cache`, `forward_cached`), so the sampler, the decode
+engine and the server run it like the float32 model.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import app, flags
+from flax import nnx
+
+from charlm_jax import checkpoints, cli, models
+from charlm_jax.errors import UserError
+from charlm_jax.tokenizers import Tokenizer
+
+MODES = ("none", "int8")
+# XLA:CPU runs int8 dots in YNNPACK, except for a dimension of 1 (one decoding row), which
+# falls back to XLA's own loops, 2-3x slower than float32 there; fewer rows than this are
+# zero-padded up to it (docs/quantization.md has the measurements).
+MIN_ROWS = 8
+
+
+def check_mode(mode: str) -> str:
+    """Returns `mode` if it is a known quantization mode; ValueError otherwise."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}: expected 'none' or 'int8'")
+    return mode
+
+
+def quantize_array(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 quantization with one scale per slice along `axis` (the reduced axis
+    kept, size 1): x ~= q * scale, |q| <= 127."""
+    absmax = jnp.max(jnp.abs(x), axis=axis, keepdims=True).astype(jnp.float32)
+    scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8)
+    return q, scale
+
+
+def int8_matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array) -> jax.Array:
+    """x (..., in) float @ the int8 `kernel` (in, out) with per-column `scale` (1, out), as
+    one 2-D int8 x int8 -> int32 dot over the rows of x, each quantized with its own scale."""
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    if n < MIN_ROWS:
+        rows = jnp.pad(rows, ((0, MIN_ROWS - n), (0, 0)))
+    q, row_scale = quantize_array(rows, axis=1)
+    acc = jax.lax.dot_general(q, kernel, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    y = acc.astype(jnp.float32) * row_scale * scale
+    return y[:n].reshape(*x.shape[:-1], kernel.shape[1])
+
+
+class Int8Linear(nnx.Module):
+    """An `nnx.Linear` with an int8 kernel and per-output-channel scales."""
+
+    def __init__(self, linear: nnx.Linear):
+        kernel, scale = quantize_array(linear.kernel[...], axis=0)
+        self.kernel = nnx.Param(kernel)
+        self.scale = nnx.Param(scale)
+        self.bias = None if linear.bias is None else nnx.Param(linear.bias[...])
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = int8_matmul(x, self.kernel[...], self.scale[...])
+        return y if self.bias is None else y + self.bias[...]
+
+
+class Int8TiedEmbed(nnx.Module):
+    """An `nnx.Embed` whose lookups stay float32 and whose `attend` (the tied output head)
+    is an int8 dot against a copy of the table quantized per vocabulary entry."""
+
+    def __init__(self, embed: nnx.Embed):
+        table = embed.embedding[...]
+        head, scale = quantize_array(table.T, axis=0)  # (features, vocab), one scale per entry
+        self.embedding = nnx.Param(table)
+        self.head = nnx.Param(head)
+        self.scale = nnx.Param(scale)
+        self.num_embeddings, self.features = embed.num_embeddings, embed.features
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return int8_matmul(x, self.head[...], self.scale[...])
+
+
+def _swap_linears(node) -> None:
+    """Replaces, in place, every nnx.Linear below `node` by an Int8Linear."""
+    for key, child in list(nnx.iter_children(node)):
+        if isinstance(child, nnx.Linear):
+            new = Int8Linear(child)
+        elif isinstance(child, nnx.Module | nnx.List):
+            _swap_linears(child)
+            continue
+        else:
+            continue
+        if isinstance(node, nnx.List):
+            node[key] = new
+        else:
+            setattr(node, key, new)
+
+
+def is_quantized(model: nnx.Module) -> bool:
+    """Whether `model` holds int8 layers."""
+    return any(isinstance(m, Int8Linear | Int8TiedEmbed) for _, m in nnx.iter_modules(model))
+
+
+def quantize_model(model: nnx.Module, mode: str = "int8") -> nnx.Module:
+    """A copy of `model` with its dense layers quantized (`mode` "int8"), or `model` itself
+    for "none"."""
+    if check_mode(mode) == "none":
+        return model
+    if is_quantized(model):
+        raise ValueError("the model is already quantized")
+    model = nnx.clone(model)
+    _swap_linears(model)
+    if isinstance(model, models.Transformer):  # its output head is the embedding's attend
+        model.embed = Int8TiedEmbed(model.embed)
+    return model
+
+
+QUANTIZATION_FILE = "quantization.json"  # in a workdir whose checkpoints are quantized
+
+
+def saved_mode(workdir: str | Path) -> str:
+    """The quantization of the checkpoints in `workdir`: "none" unless it was exported."""
+    path = Path(workdir) / QUANTIZATION_FILE
+    return json.loads(path.read_text())["mode"] if path.exists() else "none"
+
+
+def load_model(
+    workdir: str | Path, checkpoint: str | int = "best", quantize: str = "none"
+) -> tuple[nnx.Module, Tokenizer, ml_collections.ConfigDict]:
+    """`checkpoints.load_model` with the dense layers quantized as `quantize` says ("none" or
+    "int8"): a float32 checkpoint is quantized as it loads; an exported int8 one loads as it
+    is, and only with quantize="int8"."""
+    check_mode(quantize)
+    saved = saved_mode(workdir)
+    if saved == "none":
+        model, tokenizer, config = checkpoints.load_model(workdir, checkpoint)
+        return quantize_model(model, quantize), tokenizer, config
+    if quantize != saved:
+        raise UserError(
+            f"{workdir} holds an {saved}-quantized checkpoint: load it with quantize={saved!r}"
+        )
+    return checkpoints.load_model(
+        workdir, checkpoint, transform=functools.partial(quantize_model, mode=saved)
+    )
+
+
+def export(workdir: str | Path, out: str | Path, checkpoint: str | int = "best") -> Path:
+    """Writes a workdir `out` whose checkpoint is `workdir`'s, quantized to int8 (config,
+    tokenizer and validation loss carried over). Returns the checkpoint's directory."""
+    workdir, out = Path(workdir), Path(out)
+    if saved_mode(workdir) != "none":
+        raise UserError(f"{workdir} is already quantized")
+    if (out / checkpoints.CHECKPOINT_DIR).exists():
+        raise UserError(f"{out} already holds checkpoints: choose a new --out")
+    model, _, _ = load_model(workdir, checkpoint, "int8")
+    with checkpoints.open_manager(workdir) as source:
+        step = checkpoints.resolve_step(source, checkpoint)
+        metrics = source.metrics(step)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (checkpoints.CONFIG_FILE, checkpoints.TOKENIZER_FILE):
+        shutil.copy(workdir / name, out / name)
+    (out / QUANTIZATION_FILE).write_text(json.dumps({"mode": "int8"}) + "\n")
+    with checkpoints.open_manager(out) as manager:
+        state = ocp.args.StandardSave(nnx.state(model))
+        manager.save(step, args=ocp.args.Composite(model=state), metrics=metrics)
+    return out / checkpoints.CHECKPOINT_DIR / str(step)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.quiet_library_logs()
+    FLAGS = flags.FLAGS
+    try:
+        if not FLAGS.workdir or not FLAGS.out:
+            raise UserError("--workdir and --out are required")
+        step = FLAGS.checkpoint
+        path = export(FLAGS.workdir, FLAGS.out, int(step) if step.isdigit() else step)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(f"int8 checkpoint written to {path}")
+
+
+if __name__ == "__main__":  # flags defined here: the module is imported by the sampler's CLIs
+    flags.DEFINE_string("workdir", None, "A trained run's directory.")
+    flags.DEFINE_string("out", None, "Directory for the quantized copy (a new workdir).")
+    flags.DEFINE_string("checkpoint", "best", 'Checkpoint: "best", "latest" or a step number.')
+    app.run(main, flags_parser=cli.flags_parser())

@@ -1,0 +1,176 @@
+"""int8 quantization: accuracy against float32, real int8 dots, export and load, bad input."""
+
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, tiny_config
+from flax import nnx
+from test_cli import assert_one_line_error
+
+from charlm_jax import checkpoints, models, quantize, train
+from charlm_jax.sampling import Sampler, prefill
+
+VOCAB = 20
+VARIANTS = [
+    ("transformer", {}),
+    ("transformer", {"model.position": "rope", "model.norm": "rmsnorm", "model.use_bias": True}),
+    ("mlp", {}),
+]
+
+
+def random_model(name="transformer", **overrides) -> nnx.Module:
+    config = tiny_config(name, **overrides)
+    return models.create_model(config, VOCAB, nnx.Rngs(3))
+
+
+def tokens(batch=3, time=32, seed=0) -> jax.Array:
+    return jax.random.randint(jax.random.key(seed), (batch, time), 0, VOCAB)
+
+
+@pytest.mark.parametrize(("name", "overrides"), VARIANTS)
+def test_int8_logits_are_close_to_float32(name, overrides):
+    model = random_model(name, **overrides)
+    quantized = quantize.quantize_model(model)
+    ids = tokens()
+    want, got = np.asarray(model(ids)), np.asarray(quantized(ids))
+    spread = want.std()
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    assert np.abs(got - want).mean() < 0.02 * spread
+    # The float model is untouched, and quantizing is not a no-op.
+    np.testing.assert_array_equal(np.asarray(model(ids)), want)
+    assert np.abs(got - want).max() > 0
+
+
+@pytest.mark.parametrize(("name", "overrides"), VARIANTS[::2])
+def test_cached_decoding_of_the_int8_model_matches_its_full_forward(name, overrides):
+    quantized = quantize.quantize_model(random_model(name, **overrides))
+    ids = tokens(batch=2, time=32)
+    cache, logits = prefill(quantized, ids, jnp.int32(32), jnp.zeros(2, jnp.int32))
+    np.testing.assert_allclose(logits, quantized(ids)[:, -1], atol=1e-5)
+
+
+def int8_dot_count(model: nnx.Module, ids: jax.Array) -> int:
+    """The s8 x s8 -> s32 dots in the compiled forward pass: XLA prints each dot inside its
+    own computation, whose parameters carry the operand types."""
+    graphdef, state = nnx.split(model)
+    hlo = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).lower(state, ids).compile().as_text()
+    count = 0
+    for computation in hlo.split("\n\n"):
+        dots = re.findall(r"= s32\[[\d,]*\]\S* dot\(%(\S+), %(\S+)\)", computation)
+        for lhs, rhs in dots:
+            types = [re.search(rf"%{re.escape(x)} = (\w+)\[", computation) for x in (lhs, rhs)]
+            count += all(t and t.group(1) == "s8" for t in types)
+    return count
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_compiled_forward_runs_int8_dots(batch):
+    quantized = quantize.quantize_model(random_model())
+    ids = tokens(batch=batch, time=1)
+    # 2 blocks x (qkv, out, up, down) + the tied head.
+    assert int8_dot_count(quantized, ids) == 9
+    assert int8_dot_count(random_model(), ids) == 0
+
+
+def test_rows_are_quantized_independently_of_their_batch():
+    """Fewer rows than MIN_ROWS are padded; each row's result is the same in any batch."""
+    linear = nnx.Linear(16, 24, rngs=nnx.Rngs(0))
+    layer = quantize.Int8Linear(linear)
+    x = jax.random.normal(jax.random.key(1), (quantize.MIN_ROWS + 3, 16))
+    whole = np.asarray(layer(x))
+    for n in (1, 2, quantize.MIN_ROWS):
+        np.testing.assert_array_equal(np.asarray(layer(x[:n])), whole[:n])
+    np.testing.assert_allclose(whole, linear(x), atol=0.03 * np.abs(linear(x)).max())
+
+
+def test_zero_rows_and_columns_stay_zero():
+    q, scale = quantize.quantize_array(jnp.zeros((3, 4)).at[0, 1].set(2.0), axis=1)
+    np.testing.assert_array_equal(q[0], [0, 127, 0, 0])
+    np.testing.assert_array_equal(q[1:], 0)
+    np.testing.assert_allclose(scale[:, 0], [2.0 / 127, 1.0, 1.0], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quant")
+    text = tmp / "text.txt"
+    text.write_text("ROMEO: to be or not to be\nJULIET: that is the question\n" * 50)
+    config = tiny_config(**{"data.path": str(text), "train.num_steps": 4, "train.eval_every": 4})
+    train.train_and_evaluate(config, tmp / "run")
+    return tmp / "run"
+
+
+def test_export_is_smaller_and_loads_as_it_was_quantized(workdir, tmp_path):
+    float_model, tokenizer, _ = quantize.load_model(workdir)
+    loaded_int8, _, _ = quantize.load_model(workdir, quantize="int8")
+    path = quantize.export(workdir, tmp_path / "int8")
+    exported, exported_tokenizer, _ = quantize.load_model(tmp_path / "int8", quantize="int8")
+    assert exported_tokenizer.chars == tokenizer.chars
+    ids = jnp.asarray(tokenizer.encode("ROMEO: to be or not")[None])
+    np.testing.assert_array_equal(exported(ids), loaded_int8(ids))
+    assert not np.array_equal(exported(ids), float_model(ids))
+
+    def disk(p):
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+    def nbytes(model):
+        return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+
+    # Tiny models: float embeddings and scales weigh more, and so does orbax's metadata.
+    assert nbytes(exported) < 0.4 * nbytes(float_model)
+    step = checkpoints.resolve_step(checkpoints.open_manager(workdir), "best")
+    assert disk(path / "model") < 0.7 * disk(
+        workdir / checkpoints.CHECKPOINT_DIR / str(step) / "model"
+    )
+
+
+def test_bad_input(workdir, tmp_path):
+    with pytest.raises(ValueError, match="unknown quantization mode 'int4'"):
+        quantize.load_model(workdir, quantize="int4")
+    with pytest.raises(ValueError, match="unknown quantization mode 'fp8'"):
+        quantize.quantize_model(random_model(), "fp8")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize.quantize_model(quantize.quantize_model(random_model()))
+    with pytest.raises(ValueError, match="no checkpoints in"):
+        quantize.load_model(tmp_path / "nothing", quantize="int8")
+    quantize.export(workdir, tmp_path / "int8")
+    with pytest.raises(ValueError, match="holds an int8-quantized checkpoint: load it with"):
+        quantize.load_model(tmp_path / "int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize.export(tmp_path / "int8", tmp_path / "again")
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        quantize.export(workdir, tmp_path / "int8")
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+
+
+def test_export_and_generate_clis(workdir, tmp_path):
+    out = tmp_path / "q"
+    result = run_module("charlm_jax.quantize", f"--workdir={workdir}", f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    assert "int8 checkpoint written to" in result.stdout
+    assert quantize.saved_mode(out) == "int8"
+    generate = ["charlm_jax.generate", "--prompt=ROMEO:", "--max_new_tokens=5", "--temperature=0"]
+    result = run_module(*generate, f"--workdir={out}", "--quantize=int8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ROMEO:")
+    want = Sampler.from_workdir(out, quantize="int8").generate(["ROMEO:"], 5, temperature=0)
+    assert result.stdout.rstrip("\n") == "ROMEO:" + want[0]
+    assert_one_line_error(run_module(*generate, f"--workdir={out}"), "load it with quantize='int8'")
+    assert_one_line_error(
+        run_module(*generate, f"--workdir={workdir}", "--quantize=int4"),
+        "error: unknown quantization mode 'int4'",
+    )
+    assert_one_line_error(
+        run_module("charlm_jax.quantize", f"--workdir={tmp_path / 'none'}", f"--out={out}2"),
+        "error: no checkpoints in",
+    )
