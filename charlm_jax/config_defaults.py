@@ -50,6 +50,11 @@ def base_config(model: Mapping[str, Any]) -> ml_collections.ConfigDict:
     config.train.learning_rate = 1e-3  # peak, after linear warmup; then cosine decay
     config.train.min_learning_rate = 1e-4  # reached at num_steps
     config.train.warmup_steps = 100
+    config.train.schedule = "cosine"  # "cosine" | "wsd": warmup, stable, linear decay over
+    config.train.decay_fraction = 0.3  # this last fraction of the steps (wsd only)
+    config.train.optimizer = "adamw"  # "adamw" | "muon": Muon on the blocks' matrices, AdamW
+    config.train.muon_learning_rate = 0.02  # on the rest (muon only: its peak and momentum)
+    config.train.muon_momentum = 0.95
     config.train.weight_decay = 0.1  # AdamW, on weight matrices and embeddings only
     config.train.beta1 = 0.9
     config.train.beta2 = 0.99

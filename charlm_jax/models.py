@@ -32,6 +32,8 @@ from charlm_jax.random_bits import hashed_uniform_bits
 
 INIT_STD = 0.02  # GPT-2 / nanoGPT initialisation
 QUERY_BLOCK = 128  # full-sequence attention runs in blocks of this many queries
+ACTIVATIONS = ("gelu", "relu2")
+ATTENTIONS = ("xla", "dot_product")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,12 @@ class TransformerConfig:
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     use_bias: bool = False
     remat: bool = False  # recompute block activations in the backward pass
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys (no learned scale)
+    activation: str = "gelu"  # the MLP's: "gelu" (tanh approximation) | "relu2" (squared ReLU)
+    tie_embeddings: bool = True  # the output head is the token embedding (False: its own)
+    zero_init: bool = False  # projections into the residual stream, and an own head, start at 0
+    logit_softcap: float = 0.0  # > 0: logits = softcap * tanh(logits / softcap)
+    attention: str = "xla"  # "xla" | "dot_product" (jax.nn.dot_product_attention, see below)
     dtype: np.dtype = np.dtype("float32")  # compute dtype of the blocks' matmuls
     param_dtype: np.dtype = np.dtype("float32")  # parameters, embeddings, residual stream
 
@@ -80,6 +88,13 @@ class TransformerConfig:
             )
         if self.norm not in ("layernorm", "rmsnorm"):
             raise ValueError(f"unknown model.norm {self.norm!r}: expected 'layernorm' or 'rmsnorm'")
+        for name, choices in (("activation", ACTIVATIONS), ("attention", ATTENTIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"unknown model.{name} {getattr(self, name)!r}: expected one of {choices}"
+                )
+        if self.logit_softcap < 0:
+            raise ValueError(f"model.logit_softcap must be >= 0, got {self.logit_softcap}")
 
     @property
     def head_dim(self) -> int:
@@ -87,8 +102,9 @@ class TransformerConfig:
 
     @property
     def out_std(self) -> float:
-        """Init scale of the projections into the residual stream (GPT-2's 1/sqrt(2 L))."""
-        return INIT_STD / math.sqrt(2 * self.num_layers)
+        """Init scale of the projections into the residual stream (GPT-2's 1/sqrt(2 L), or 0
+        with `zero_init`: each block starts as the identity, as in modded-nanogpt)."""
+        return 0.0 if self.zero_init else INIT_STD / math.sqrt(2 * self.num_layers)
 
 
 @runtime_checkable
@@ -208,6 +224,12 @@ def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
+def rms_normalize(x: jax.Array, epsilon: float = 1e-6) -> jax.Array:
+    """x scaled to unit root-mean-square over its last axis (computed in float32)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + epsilon)).astype(x.dtype)
+
+
 def make_norm(cfg: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:
     """`cfg.norm` over the residual stream, computed in float32 whatever the compute dtype."""
     dtypes = dict(dtype=jnp.float32, param_dtype=cfg.param_dtype)
@@ -261,6 +283,8 @@ class CausalSelfAttention(nnx.Module):
         dim = cfg.embedding_dim
         self.num_heads = cfg.num_heads
         self.use_rope = cfg.position == "rope"
+        self.qk_norm = cfg.qk_norm
+        self.fused = cfg.attention == "dot_product"
         self.qkv = _linear(cfg, rngs, dim, 3 * dim, INIT_STD)
         self.out = _linear(cfg, rngs, dim, dim, cfg.out_std)
         self.dropout = Dropout(cfg.dropout_rate)
@@ -285,6 +309,13 @@ class CausalSelfAttention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (batch, time, heads, head_dim)
         if self.use_rope:
             q, k = rope(q, positions), rope(k, positions)
+        if self.qk_norm:
+            q, k = rms_normalize(q), rms_normalize(k)
+        if cache is None and self.fused:
+            # cuDNN's flash attention on NVIDIA GPUs (bfloat16), XLA's elsewhere; the mask of
+            # a full pass is causal. No dropout on the attention weights here.
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(batch, time, dim)
+            return self.dropout(dense(self.out, y), deterministic=not train, rngs=rngs), None
         # Heads first, (batch, heads, time, head_dim): the layout XLA's batched matmuls read
         # without a transpose, which matters most for the cache, read at every decoding step.
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
@@ -356,9 +387,12 @@ class FeedForward(nnx.Module):
         self.up = _linear(cfg, rngs, cfg.embedding_dim, cfg.hidden_dim, INIT_STD)
         self.down = _linear(cfg, rngs, cfg.hidden_dim, cfg.embedding_dim, cfg.out_std)
         self.dropout = Dropout(cfg.dropout_rate)
+        self.squared_relu = cfg.activation == "relu2"
 
     def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
-        y = dense(self.down, jax.nn.gelu(dense(self.up, x), approximate=True))
+        h = dense(self.up, x)
+        h = jnp.square(jax.nn.relu(h)) if self.squared_relu else jax.nn.gelu(h, approximate=True)
+        y = dense(self.down, h)
         return self.dropout(y, deterministic=not train, rngs=rngs)
 
 
@@ -405,6 +439,20 @@ class Transformer(nnx.Module):
         self.dropout = Dropout(cfg.dropout_rate)
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = make_norm(cfg, rngs)
+        # An own output matrix (`tie_embeddings` False) computes in param_dtype too.
+        head_init = _normal(0.0 if cfg.zero_init else INIT_STD)
+        self.head = (
+            None
+            if cfg.tie_embeddings
+            else nnx.Linear(
+                cfg.embedding_dim,
+                cfg.vocab_size,
+                use_bias=False,
+                kernel_init=head_init,
+                param_dtype=cfg.param_dtype,
+                rngs=rngs,
+            )
+        )
 
     def __call__(
         self, tokens: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
@@ -455,7 +503,10 @@ class Transformer(nnx.Module):
             x, layer_cache = run_block(block, x, layer_cache, rngs)
             new_cache.append(layer_cache)
         x = self.final_norm(x).reshape(-1, x.shape[-1])  # 2-D for a fast matmul, as in dense()
-        return self.embed.attend(x).reshape(*tokens.shape, -1), new_cache
+        logits = self.embed.attend(x) if self.head is None else self.head(x)
+        if self.cfg.logit_softcap:
+            logits = self.cfg.logit_softcap * jnp.tanh(logits / self.cfg.logit_softcap)
+        return logits.reshape(*tokens.shape, -1), new_cache
 
 
 CONFIG_CLASSES = {"transformer": TransformerConfig, "mlp": MLPConfig}

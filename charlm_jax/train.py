@@ -33,7 +33,7 @@ from clu import parameter_overview
 from flax import nnx
 from jax.sharding import Mesh
 
-from charlm_jax import batching, checkpoints, data, models, parallel
+from charlm_jax import batching, checkpoints, data, models, optimizers, parallel
 from charlm_jax import workdir as workdir_lib
 from charlm_jax.errors import UserError
 from charlm_jax.metrics import MetricsLog, TrainMetrics, bits_per_character
@@ -45,28 +45,21 @@ LOSS_CURVE_FILE = "loss_curve.png"
 def create_optimizer(
     config: ml_collections.ConfigDict,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping and a linear-warmup, cosine-decay schedule.
+    """Global-norm clipping, then AdamW, or Muon with AdamW (`train.optimizer`), on a
+    linear-warmup schedule (`optimizers.schedule`); returns it with the AdamW learning rate.
 
     `config` is the `train` section. Weight decay applies to matrices and embeddings only.
     """
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        decay_steps=max(config.num_steps, config.warmup_steps + 1),
-        end_value=config.min_learning_rate,
-    )
-    tx = optax.chain(
-        optax.clip_by_global_norm(config.grad_clip_norm),
-        optax.adamw(
-            schedule,
-            b1=config.beta1,
-            b2=config.beta2,
-            weight_decay=config.weight_decay,
-            mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
-        ),
-    )
-    return tx, schedule
+    schedule = optimizers.schedule(config, config.learning_rate, config.min_learning_rate)
+    if config.optimizer not in optimizers.OPTIMIZERS:
+        raise UserError(
+            f"unknown train.optimizer {config.optimizer!r}: expected one of {optimizers.OPTIMIZERS}"
+        )
+    if config.optimizer == "muon":
+        update = optimizers.muon_with_adamw(config)
+    else:
+        update = optimizers.adamw(config, schedule)
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), update), schedule
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -1,7 +1,8 @@
 """Decoder-only Transformer (GPT) on characters.
 
 --config=configs/transformer.py[:PRESET]   PRESET: default (the default), small, medium,
-                                           large, demo, nanogpt_baby, nanogpt
+                                           large, demo, nanogpt_baby, nanogpt,
+                                           speedrun, speedrun_gpu
 """
 
 import ml_collections
@@ -19,7 +20,23 @@ MODEL = dict(
     norm="layernorm",  # "layernorm" | "rmsnorm"
     use_bias=False,
     remat=False,  # recompute block activations in the backward pass (saves memory)
+    # Options of the speedrun (docs/speedrun.md); these defaults are nanoGPT's model.
+    qk_norm=False,  # RMS-normalise each head's queries and keys
+    activation="gelu",  # "gelu" | "relu2" (squared ReLU)
+    tie_embeddings=True,  # the output head is the token embedding
+    zero_init=False,  # projections into the residual stream (and an own head) start at zero
+    logit_softcap=0.0,  # > 0: logits = softcap * tanh(logits / softcap)
+    attention="xla",  # "xla" | "dot_product" (jax.nn.dot_product_attention: cuDNN on GPUs)
 )
+
+# The speedrun's model (docs/speedrun.md has each change's effect): modded-nanogpt's changes.
+SPEEDRUN_MODEL = {
+    "model.position": "rope",
+    "model.qk_norm": True,
+    "model.activation": "relu2",
+    "model.tie_embeddings": False,
+    "model.zero_init": True,
+}
 
 PRESETS = {
     # The nanogpt_baby model trained 2.5x longer on 16-sequence batches: readable
@@ -99,6 +116,47 @@ PRESETS = {
         "train.num_steps": 5000,
         "train.warmup_steps": 100,
         "train.beta2": 0.99,
+        "train.eval_every": 250,
+        "train.eval_batches": 200,
+    },
+    # experiments/speedrun.py's record recipe (docs/speedrun.md): nanogpt_baby's quality after
+    # its 2000 steps in as little wall time as possible on a CPU; the step budget reaches it.
+    "speedrun": {
+        **SPEEDRUN_MODEL,
+        "data.sequence_length": 64,
+        "train.batch_size": 32,
+        "train.optimizer": "muon",
+        "train.muon_learning_rate": 0.05,
+        "train.learning_rate": 5e-3,
+        "train.min_learning_rate": 5e-4,
+        "train.schedule": "wsd",
+        "train.decay_fraction": 0.5,
+        "train.warmup_steps": 50,
+        "train.num_steps": 200,
+        "train.eval_every": 200,
+        "train.log_every": 50,
+    },
+    # The GPU counterpart: the nanogpt preset's quality (val 1.47) with the speedrun's changes,
+    # bfloat16 matmuls and cuDNN attention. Not yet run on a GPU: its numbers are guesses.
+    "speedrun_gpu": {
+        **SPEEDRUN_MODEL,
+        "model.embedding_dim": 384,
+        "model.hidden_dim": 1536,
+        "model.num_layers": 6,
+        "model.num_heads": 6,
+        "model.dropout_rate": 0.2,
+        "model.dtype": "bfloat16",
+        "model.attention": "dot_product",
+        "data.sequence_length": 256,
+        "train.batch_size": 64,
+        "train.optimizer": "muon",
+        "train.muon_learning_rate": 0.02,
+        "train.learning_rate": 2e-3,
+        "train.min_learning_rate": 2e-4,
+        "train.schedule": "wsd",
+        "train.decay_fraction": 0.3,
+        "train.warmup_steps": 100,
+        "train.num_steps": 2500,
         "train.eval_every": 250,
         "train.eval_batches": 200,
     },

@@ -19,6 +19,7 @@ import csv
 import json
 import re
 import runpy
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -139,10 +140,77 @@ def measurement_table(name: str) -> str:
     return f"{table}\n\nMeasured by {commands}; {record['measured']}."
 
 
+def _speedrun_runs(kind: str) -> list[dict]:
+    """The runs of experiments/speedrun.py kept in results/speedrun/KIND/*.json, by name."""
+    return [json.loads(p.read_text()) for p in sorted((RESULTS / "speedrun" / kind).glob("*.json"))]
+
+
+def _command(run: dict) -> str:
+    """The command that reproduces a speedrun run (without where it kept the result)."""
+    kept = [w for w in shlex.split(run["command"]) if not w.startswith(("--out=", "--label="))]
+    return f"`{shlex.join(kept)}`"
+
+
+def _slashed(values, form: str = "{}") -> str:
+    return " / ".join(form.format(v) for v in values)
+
+
+def speedrun_table() -> str:
+    """The speedrun's record table, one row per record (seeds each timed in a fresh process),
+    after the PyTorch peer's nanoGPT recipe, timed alternated with the first record's seeds."""
+    rows = []
+    for run in _speedrun_runs("records"):
+        seeds = run["runs"]
+        if "peer" in run and not rows:
+            peer = run["peer"]
+            rows.append({
+                "record": "nanoGPT's recipe (the PyTorch peer, its whole run)",
+                "seconds, per seed": _slashed((p["process_s"] for p in peer["runs"]), "{:.1f}"),
+                "mean": f"{peer['mean_process_s']:.1f}",
+                "steps": 2000,
+                "whole val text": _slashed((p["whole_val_loss"] for p in peer["runs"]), "{:.4f}"),
+                "date": run["date"], "commit": "", "command": f"`{peer['command']}`",
+            })  # fmt: skip
+        rows.append({
+            "record": run["label"],
+            "seconds, per seed": _slashed((r["wall_to_target_s"] for r in seeds), "{:.1f}"),
+            "mean": f"{run['mean']['wall_to_target_s']:.1f}",
+            "steps": _slashed(r["steps"] for r in seeds),
+            "whole val text": _slashed((r["whole_val_loss"] for r in seeds), "{:.4f}"),
+            "date": run["date"], "commit": run["commit"], "command": _command(run),
+        })  # fmt: skip
+    return sweeps.markdown_table(rows, list(rows[0]))
+
+
+def _steps_to_target(run: dict) -> str:
+    if run["reached"]:
+        return str(run["steps"])
+    return f"none in {run['steps']} (best {run['best_estimate']:.4f})"
+
+
+def speedrun_ablation_table() -> str:
+    """The speedrun's changes added one at a time: steps, tokens and time to the target."""
+    rows = [
+        {
+            "change (added to the row above)": run["label"],
+            "steps to target": _slashed(_steps_to_target(r) for r in run["runs"]),
+            "tokens (M)": _slashed((r["tokens"] / 1e6 for r in run["runs"]), "{:.2f}"),
+            "ms/step": f"{run['mean']['step_ms']:.0f}",
+            "seconds to target": f"{run['mean']['wall_to_target_s']:.1f}",
+            "whole val text": f"{run['mean']['whole_val_loss']:.4f}",
+            "command": _command(run),
+        }
+        for run in _speedrun_runs("ablation")
+    ]
+    return sweeps.markdown_table(rows, list(rows[0]))
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "parity": parity_table,
     "demo": demo_table,
     "presets": presets_table,
+    "speedrun": speedrun_table,
+    "speedrun_ablation": speedrun_ablation_table,
 }
 
 

@@ -1,0 +1,317 @@
+"""Speedrun: train until the validation loss reaches a target, and time it end to end.
+
+    python experiments/speedrun.py [--config=configs/transformer.py:speedrun] [--seeds=0,1,2] \
+        [--target=1.8955] [--check_every=25] [--max_seconds=300] [--out=FILE.json]
+    python experiments/speedrun.py --reference=nanogpt        # the GPU counterpart (val 1.47)
+
+The loss is judged as nanoGPT judges it: its estimate, the mean loss of a fixed set of random
+validation batches (the reference's count and size: 20 of 12 windows for `nanogpt_baby`,
+200 of 64 for `nanogpt`), checked every --check_every steps. The clock starts with the
+process and stops when the estimate first reaches the target, so start-up, data loading and
+compilation count; each seed runs in a fresh process. The model that reached the target is
+then scored on the whole validation text in consecutive windows of the context (as
+`Sampler.log_probs` does), outside the clock. A target not reached within the step budget
+(--max_steps, else the config's train.num_steps) or --max_seconds ends the run with one line
+saying how far it got, and a non-zero exit.
+
+The default targets are the nanoGPT recipe's 3-seed means after its 2000 (`nanogpt_baby`) or
+5000 (`nanogpt`) steps: results/parity/parity.md (the PyTorch peer) and nanoGPT's README.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+START = time.perf_counter()  # before absl, JAX and charlm_jax: their imports count too
+
+from absl import app, flags  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's charlm_jax
+
+from charlm_jax import cli  # noqa: E402
+from charlm_jax.errors import UserError  # noqa: E402
+
+# JAX and the training modules are imported where they are used: a bad flag fails at once.
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """A nanoGPT recipe: its preset, the speedrun config that chases it, its quality after
+    its full run, and how nanoGPT estimates the validation loss."""
+
+    config: str
+    target: float  # mean 20-batch (baby) / 200-batch estimate after the full run
+    whole_text_target: float | None  # the same runs scored on the whole validation text
+    estimate_batches: int
+    estimate_batch_size: int
+
+
+REFERENCES = {
+    # results/parity/parity.md: the PyTorch peer, nanoGPT's recipe, seeds 0-2, 2000 steps.
+    "nanogpt_baby": Reference("configs/transformer.py:speedrun", 1.8955, 1.9028, 20, 12),
+    # nanoGPT's README for config/train_shakespeare_char.py (5000 steps on a GPU).
+    "nanogpt": Reference("configs/transformer.py:speedrun_gpu", 1.47, None, 200, 64),
+}
+
+flags.DEFINE_enum("reference", "nanogpt_baby", list(REFERENCES), "The recipe to beat.")
+flags.DEFINE_string("config", "", "Config file and preset (default: the reference's speedrun).")
+flags.DEFINE_multi_string("set", [], "KEY=VALUE: a config override (repeatable).")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds, each in a fresh process.")
+flags.DEFINE_float("target", None, "Validation loss to reach (default: the reference's).")
+flags.DEFINE_integer("check_every", 10, "Steps between checks of the validation estimate.")
+flags.DEFINE_float(
+    "gate", 0.1, "Check only once the training loss is within this of the target (inf: always)."
+)
+flags.DEFINE_integer("max_steps", 0, "Step budget (0: the config's train.num_steps).")
+flags.DEFINE_float("max_seconds", 300.0, "Wall-time budget per seed (0: none).")
+flags.DEFINE_string("out", "", "Write the runs and their means to this JSON file.")
+flags.DEFINE_string("label", "", "What this run tries, for the record table (in --out).")
+flags.DEFINE_string(
+    "peer_python", "", "A Python with torch: also time the PyTorch peer's run of each seed."
+)
+flags.DEFINE_integer("peer_steps", 2000, "The peer's training steps (nanoGPT's recipe).")
+FLAGS = flags.FLAGS
+PEER = Path(__file__).resolve().parent / "pytorch_peer.py"
+
+
+def whole_text_loss(model_def, model_state, tokens, length: int, chunk: int = 256) -> float:
+    """Mean next-token loss of every token of `tokens` after the first, scored in
+    consecutive windows of `length` tokens (the last one shorter), `chunk` windows a call."""
+    import jax
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    n = len(tokens) - 1
+    size = -(-n // (length * chunk)) * length * chunk  # whole chunks: one compilation
+    inputs, targets, weights = (np.zeros(size, np.int32) for _ in range(3))
+    inputs[:n], targets[:n], weights[:n] = tokens[:-1], tokens[1:], 1
+
+    @jax.jit
+    def total(state, x, y, w):
+        logits = nnx.merge(model_def, state)(x).astype(np.float32)
+        return (optax.softmax_cross_entropy_with_integer_labels(logits, y) * w).sum()
+
+    shape = (-1, chunk, length)
+    batches = zip(*(a.reshape(shape) for a in (inputs, targets, weights)), strict=True)
+    return sum(float(total(model_state, x, y, w)) for x, y, w in batches) / n
+
+
+def train_to_target(config, reference: Reference, target: float, check_every: int,
+                    max_steps: int, max_seconds: float, gate: float) -> dict:  # fmt: skip
+    """Trains `config` until nanoGPT's validation estimate is <= `target` or a budget runs
+    out, checking every `check_every` steps once the mean training loss of the last ones is
+    within `gate` of the target; the run's record (times from the process start)."""
+    from charlm_jax import parallel
+
+    parallel.one_cpu_device_per_core(config.train.batch_size)  # before JAX's backends start
+    import jax
+    import numpy as np
+
+    from charlm_jax import data, train
+
+    seq_len = config.data.sequence_length
+    dataset = data.load_dataset(config.data)
+    mesh = parallel.make_mesh()
+    for size in (config.train.batch_size, reference.estimate_batch_size):
+        parallel.check_batch_size(size, mesh)
+    step_fn, model_def, model_state, opt_state, _ = train.build_training(
+        config, dataset.tokenizer.vocab_size, mesh
+    )
+    train_tokens, val_tokens = (
+        parallel.put_replicated(np.asarray(t, np.int32), mesh) for t in (dataset.train, dataset.val)
+    )
+    data_key, eval_key = jax.random.split(jax.random.key(config.train.seed))  # as train.py
+    estimate = train.make_eval_step(
+        model_def, mesh, reference.estimate_batch_size, seq_len, reference.estimate_batches
+    )
+    step_fn = step_fn.lower(model_state, opt_state, train_tokens, data_key).compile()
+    started = time.perf_counter() - START
+    best, loss, step, losses = math.inf, math.inf, 0, []
+    while step < max_steps:
+        model_state, opt_state, metrics = step_fn(model_state, opt_state, train_tokens, data_key)
+        step += 1
+        losses.append(metrics.loss)
+        if step % check_every and step < max_steps:
+            continue
+        recent = jax.device_get(losses[-check_every:])
+        train_loss = float(np.mean([m.total / m.count for m in recent]))
+        out_of_time = max_seconds and time.perf_counter() - START > max_seconds
+        # The estimate costs a few steps: skipped while the training loss (the validation
+        # loss is above it here) is still well above the target.
+        if train_loss <= target + gate or step == max_steps or out_of_time:
+            loss = float(estimate(model_state, val_tokens, eval_key))
+            best = min(best, loss)
+        if loss <= target or out_of_time or not math.isfinite(train_loss) or math.isnan(loss):
+            break
+    elapsed = time.perf_counter() - START
+    return {
+        "seed": config.train.seed,
+        "reached": loss <= target,
+        "steps": step,
+        "tokens": step * config.train.batch_size * config.train.grad_accum_steps * seq_len,
+        "estimate": loss,
+        "best_estimate": best,
+        "wall_to_target_s": elapsed,
+        "startup_s": started,  # imports, data, model, compilation of the train step
+        "step_ms": 1000 * (elapsed - started) / max(step, 1),  # the estimates included
+        "whole_val_loss": whole_text_loss(model_def, model_state, dataset.val, seq_len),
+        "platform": jax.devices()[0].platform,
+        "num_devices": jax.device_count(),
+    }
+
+
+def time_peer(seed: str) -> dict:
+    """The PyTorch peer's nanoGPT run of `seed` (experiments/pytorch_peer.py --train_steps,
+    nanoGPT's recipe), timed from its launch to its exit, which includes its scoring of the
+    whole validation text; its last line also gives its training loop's own time."""
+    command = [FLAGS.peer_python, str(PEER), f"--preset={FLAGS.reference}",
+               f"--train_steps={FLAGS.peer_steps}", f"--seed={seed}"]  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    process_s = time.perf_counter() - start
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise UserError(f"the PyTorch peer failed (seed {seed}): {last}")
+    words = done.stdout.strip().splitlines()[-1].replace(",", "").split()
+    return {
+        "seed": int(seed),
+        "process_s": process_s,
+        "loop_s": float(words[-2]),
+        "best_estimate": float(words[words.index("best") + 2]),
+        "whole_val_loss": float(words[words.index("text") + 1]),
+    }
+
+
+def run_seeds(argv: list[str], seeds: list[str]) -> tuple[list[dict], list[dict]]:
+    """Each seed's record from a fresh process per seed (this command with --seeds=SEED), up
+    to the first that did not reach the target; with --peer_python, each followed by the
+    PyTorch peer's run of the same seed (processes alternated on a shared machine)."""
+    flags_ = [a for a in argv[1:] if not a.startswith(("--seeds=", "--out=", "--peer_python="))]
+    records, peers = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            out = Path(tmp) / f"seed{seed}.json"
+            command = [sys.executable, str(Path(__file__).resolve()), *flags_,
+                       f"--seeds={seed}", f"--out={out}"]  # fmt: skip
+            done = subprocess.run(command, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
+            if not out.exists():  # it failed before training
+                last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise UserError(f"seed {seed}: {last.removeprefix('error: ')}")
+            records += json.loads(out.read_text())["runs"]
+            if not records[-1]["reached"]:
+                break
+            if FLAGS.peer_python:
+                peers.append(peer := time_peer(seed))
+                print(
+                    f"peer seed {seed}: {peer['process_s']:.1f} s (its loop {peer['loop_s']:.0f}"
+                    f" s), best estimate {peer['best_estimate']:.4f}, whole val text "
+                    f"{peer['whole_val_loss']:.4f}",
+                    flush=True,
+                )
+    return records, peers
+
+
+def run_here(seed: str, target: float) -> dict:
+    """One seed's record, trained in this process."""
+    from charlm_jax import sweeps, train
+
+    config_arg = FLAGS.config or REFERENCES[FLAGS.reference].config
+    config = sweeps.load_config(sweeps.expand_grid(config_arg, [], FLAGS.set)[0])
+    config.train.seed = int(seed)
+    train.validate(config)
+    max_steps = FLAGS.max_steps or config.train.num_steps
+    return train_to_target(
+        config, REFERENCES[FLAGS.reference], target, FLAGS.check_every, max_steps,
+        FLAGS.max_seconds, FLAGS.gate,
+    )  # fmt: skip
+
+
+def summary_line(record: dict, target: float) -> str:
+    """One line: how far a run got and how long it took."""
+    head = (
+        f"reached {target:g}" if record["reached"]
+        else f"target {target:g} not reached: best {record['best_estimate']:.4f}"
+    )  # fmt: skip
+    return (
+        f"seed {record['seed']}: {head} at step {record['steps']} in "
+        f"{record['wall_to_target_s']:.1f} s (start-up {record['startup_s']:.1f} s, "
+        f"{record['step_ms']:.1f} ms/step); estimate {record['estimate']:.4f}, whole val text "
+        f"{record['whole_val_loss']:.4f}"
+    )
+
+
+def git_commit() -> str:
+    """The checkout's commit, '+' if it has uncommitted changes ('' outside git)."""
+    root = Path(__file__).resolve().parents[1]
+    git = ["git", "-C", str(root)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run([*git, "status", "--porcelain", "-uno"], capture_output=True, text=True)
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+
+
+def write_result(path: str, target: float, records: list[dict], peers: list[dict]) -> None:
+    """The runs, their means and how they were made, as JSON (results/speedrun/)."""
+    keys = ("steps", "wall_to_target_s", "startup_s", "step_ms", "estimate", "whole_val_loss")
+    result = {
+        "label": FLAGS.label, "reference": FLAGS.reference, "target": target,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": git_commit(),
+        "command": shlex.join(["python", "experiments/speedrun.py", *sys.argv[1:]]),
+        "load_average": os.getloadavg(), "runs": records,
+        "mean": {key: statistics.mean(r[key] for r in records) for key in keys},
+    }  # fmt: skip
+    if peers:
+        result["peer"] = {
+            "command": f"python experiments/pytorch_peer.py --preset={FLAGS.reference} "
+            f"--train_steps={FLAGS.peer_steps} --seed=SEED",
+            "runs": peers,
+            "mean_process_s": statistics.mean(p["process_s"] for p in peers),
+        }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}")
+    target = REFERENCES[FLAGS.reference].target if FLAGS.target is None else FLAGS.target
+    if not (math.isfinite(target) and target > 0):
+        sys.exit(f"error: --target must be a positive number, got {target}")
+    if FLAGS.check_every < 1 or FLAGS.max_steps < 0 or FLAGS.max_seconds < 0 or FLAGS.gate < 0:
+        sys.exit("error: --check_every must be positive; --max_steps, --max_seconds, --gate >= 0")
+    cli.quiet_library_logs()
+    here = len(FLAGS.seeds) == 1 and not FLAGS.peer_python
+    try:
+        if here:
+            records, peers = [run_here(FLAGS.seeds[0], target)], []
+        else:
+            records, peers = run_seeds(sys.argv, FLAGS.seeds)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    if FLAGS.out:
+        write_result(FLAGS.out, target, records, peers)
+    if not records[-1]["reached"]:
+        sys.exit(f"error: {summary_line(records[-1], target)}")
+    if here:
+        print(summary_line(records[0], target))
+        return
+    print(
+        f"mean of {len(records)} seeds: "
+        f"{statistics.mean(r['wall_to_target_s'] for r in records):.1f} s to {target:g}, "
+        f"{statistics.mean(r['steps'] for r in records):.0f} steps, whole val text "
+        f"{statistics.mean(r['whole_val_loss'] for r in records):.4f}"
+    )
+    if peers:
+        print(f"the PyTorch peer: {statistics.mean(p['process_s'] for p in peers):.1f} s")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.flags_parser())
