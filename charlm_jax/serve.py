@@ -33,7 +33,7 @@ flags.DEFINE_integer("max_queue", 256, "Sequences allowed to wait for a slot; mo
 flags.DEFINE_float("request_timeout", 60.0, "Seconds a request may take, waiting included.")
 flags.DEFINE_integer("max_tokens_limit", 2048, "The largest max_tokens a request may ask for.")
 flags.DEFINE_bool("log_prompts", False, "Put each request's prompts in its log line.")
-flags.DEFINE_string("quantize", "none", 'Weights as loaded ("none").')
+flags.DEFINE_string("quantize", "none", 'Dense layers: "none" (float32) or "int8" dots.')
 flags.DEFINE_float("grace_period", 30.0, "Seconds running requests get to finish on SIGTERM.")
 flags.DEFINE_integer("cache_entries", 1024, "Output cache: most completions kept.")
 flags.DEFINE_integer("cache_mb", 64, "Output cache: most megabytes kept.")

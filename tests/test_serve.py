@@ -514,6 +514,9 @@ def _status(url):
         return None
 
 
-def test_bad_workdir(tmp_path):
+def test_workdir_checkpoint_and_quantization(workdir, tmp_path):
     with pytest.raises(UserError, match="no checkpoints in"):
         Service.from_workdir(tmp_path)
+    with pytest.raises(ValueError, match="unknown quantization mode 'int4'"):
+        Service.from_workdir(workdir, quantize="int4")
+    assert Service.from_workdir(workdir, "latest", quantize="int8").info.id == "tiny:1:int8"

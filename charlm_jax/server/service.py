@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 
 from charlm_jax import checkpoints, engine
-from charlm_jax.errors import UserError
+from charlm_jax import quantize as quantization
 from charlm_jax.server import protocol
 from charlm_jax.server.cache import OutputCache
 from charlm_jax.server.metrics import Metrics
@@ -79,10 +79,9 @@ class Service:
         options: ServeOptions = ServeOptions(),
     ) -> Service:
         """Loads a trained workdir's checkpoint ("best", "latest" or a step) into an engine
-        of `num_slots` slots (it compiles when the service starts)."""
-        if quantize != "none":
-            raise UserError(f"--quantize={quantize}: only 'none' is available")
-        model, tokenizer, config = checkpoints.load_model(workdir, checkpoint)
+        of `num_slots` slots (it compiles when the service starts); `quantize` "int8" runs
+        the dense layers as int8 dots (charlm_jax/quantize.py)."""
+        model, tokenizer, config = quantization.load_model(workdir, checkpoint, quantize)
         with checkpoints.open_manager(workdir) as manager:
             step = checkpoints.resolve_step(manager, checkpoint)
         engine_ = engine.Engine(model, config.data.sequence_length, num_slots)
