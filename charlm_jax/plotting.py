@@ -12,6 +12,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from charlm_jax.metrics import read_history  # noqa: E402
 
 
+def _save(fig: plt.Figure, path: str | Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)  # pyplot keeps every open figure alive otherwise
+
+
 def _series(history: list[dict], kind: str, key: str) -> tuple[list[int], list[float]]:
     points = [(r["step"], r[key]) for r in history if r["kind"] == kind and key in r]
     return [p[0] for p in points], [p[1] for p in points]
@@ -40,9 +46,7 @@ def plot_loss_curve(history: list[dict], path: str | Path, title: str = "") -> N
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_runs(workdirs: list[str | Path], path: str | Path, include_train: bool = True) -> None:
@@ -60,9 +64,7 @@ def plot_runs(workdirs: list[str | Path], path: str | Path, include_train: bool 
     ax.set_ylabel("loss (nats per character)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_tradeoff(
@@ -79,6 +81,4 @@ def plot_tradeoff(
     ax.set_ylabel("best val loss (nats per character)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)

@@ -24,10 +24,8 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from charlm_jax import cli, models, parallel, train
+from charlm_jax import cli, models, parallel, step_bench
 from charlm_jax.sampling import Sampler
-from charlm_jax.text_files import embedded_tiny_shakespeare
-from charlm_jax.tokenizers import CharTokenizer
 
 config_flags.DEFINE_config_file("config", None, "Config file[:preset].", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Timed train steps.")
@@ -82,45 +80,32 @@ def _timed(fn) -> float:
 
 
 def train_speed(config) -> dict:
-    text = embedded_tiny_shakespeare().read_text(encoding="utf-8")
-    tokenizer = CharTokenizer.from_text(text)
-    mesh = parallel.make_mesh()
-    tc = config.train
-    parallel.check_batch_size(tc.batch_size, mesh)
-    step, model_def, model_state, opt_state, _ = train.build_training(
-        config, tokenizer.vocab_size, mesh
-    )
-    tokens = parallel.put_replicated(tokenizer.encode(text), mesh)
-    key = jax.random.key(0)
-    start = time.perf_counter()
-    step = step.lower(model_state, opt_state, tokens, key).compile()
-    compile_s = time.perf_counter() - start
+    setup = step_bench.compile_step(config)
     for _ in range(FLAGS.warmup):
-        model_state, opt_state, metrics = step(model_state, opt_state, tokens, key)
+        metrics = setup.advance()
     jax.block_until_ready(metrics)
     times = []
     for _ in range(FLAGS.steps):
         start = time.perf_counter()
-        model_state, opt_state, metrics = step(model_state, opt_state, tokens, key)
-        jax.block_until_ready(metrics)
+        jax.block_until_ready(setup.advance())
         times.append(time.perf_counter() - start)
 
-    params = nnx.state(nnx.merge(model_def, model_state), nnx.Param)
+    params = nnx.state(nnx.merge(setup.model_def, setup.model_state), nnx.Param)
     num_params = models.count_params(params)
     # nanoGPT counts the position embedding (wpe) out and keeps the tied token embedding.
     embedding_params = models.count_params(params["pos_embed"]) if "pos_embed" in params else 0
+    tc = config.train
     tokens_per_step = tc.batch_size * tc.grad_accum_steps * config.data.sequence_length
     median = statistics.median(times)
     return {
         "num_params": num_params,
         "tokens_per_step": tokens_per_step,
-        "compile_s": compile_s,
+        "compile_s": setup.compile_s,
         "step_ms": {"median": 1e3 * median, "min": 1e3 * min(times), "max": 1e3 * max(times)},
         "tokens_per_s": tokens_per_step / median,
         "flops_per_token": flops_per_token(config, num_params, embedding_params),
-        "model_def": model_def,
-        "model_state": model_state,
-        "tokenizer": tokenizer,
+        "model": nnx.merge(setup.model_def, setup.model_state),
+        "tokenizer": setup.tokenizer,
     }
 
 
@@ -143,7 +128,7 @@ def main(argv: list[str]) -> None:
     result = train_speed(config)
     peak, peak_source = device_peak(config.model.dtype)
     model_flops = result["flops_per_token"] * result["tokens_per_s"]
-    model = nnx.merge(result.pop("model_def"), result.pop("model_state"))
+    model = result.pop("model")
     tokenizer = result.pop("tokenizer")
     decode = {
         int(b): decode_speed(model, tokenizer, config.data.sequence_length, int(b),

@@ -2,23 +2,20 @@
 batches drawn on the host and prefetched to the device by a thread (the path memory-mapped
 corpora take); same preset, same data, alternating runs in one process.
 
-    python experiments/benchmark_batching.py --preset=small --steps=300 --repeats=2
+    python experiments/benchmark_batching.py --config=configs/transformer.py:small --steps=300
     python experiments/benchmark_batching.py --path=/tmp/charlm_benchmark/corpus.txt  # memmap
 """
 
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `configs`
+from charlm_jax import train
 
-from charlm_jax import train  # noqa: E402
-from configs import transformer  # noqa: E402
-
-flags.DEFINE_string("preset", "small", "Transformer preset.")
+config_flags.DEFINE_config_file("config", "configs/transformer.py:small", "Config file[:preset].")
 flags.DEFINE_integer("steps", 300, "Training steps per run.")
 flags.DEFINE_integer("repeats", 2, "Runs per batching mode (alternating).")
 flags.DEFINE_string("path", "", "Corpus (default: the embedded tiny Shakespeare).")
@@ -27,7 +24,7 @@ FLAGS = flags.FLAGS
 
 
 def run(batches: str, workdir: Path) -> dict:
-    config = transformer.get_config(FLAGS.preset)
+    config = FLAGS.config.copy_and_resolve_references()  # training may change its config
     config.data.path, config.data.batches = FLAGS.path, batches
     config.data.memmap_above_mb = FLAGS.memmap_above_mb
     config.train.num_steps = config.train.eval_every = FLAGS.steps

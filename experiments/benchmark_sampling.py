@@ -6,10 +6,9 @@ machine, the model jitted in both. Weights are random: speed does not depend on 
         --runs=nanogpt_baby:1,nanogpt_baby:16,small:1,small:16,nanogpt:1 --new_tokens=500
 """
 
+import runpy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,13 +16,10 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `configs`
-
-from charlm_jax import models  # noqa: E402
-from charlm_jax.sampling import Sampler, SamplingParams, choose_token, row_seeds  # noqa: E402
-from charlm_jax.text_files import embedded_tiny_shakespeare  # noqa: E402
-from charlm_jax.tokenizers import CharTokenizer  # noqa: E402
-from configs import transformer  # noqa: E402
+from charlm_jax import models
+from charlm_jax.sampling import Sampler, SamplingParams, choose_token, row_seeds
+from charlm_jax.text_files import embedded_tiny_shakespeare
+from charlm_jax.tokenizers import CharTokenizer
 
 flags.DEFINE_list(
     "runs",
@@ -83,7 +79,7 @@ def main(argv):
     for run in FLAGS.runs:
         preset, batch = run.split(":")
         batch = int(batch)
-        config = transformer.get_config(preset)
+        config = runpy.run_path("configs/transformer.py")["get_config"](preset)
         context = config.data.sequence_length
         model = models.create_model(config, tokenizer.vocab_size, nnx.Rngs(0))
         sampler, naive = Sampler(model, tokenizer, context), naive_sampler(model, context)

@@ -7,18 +7,14 @@ shuffled, with some non-ASCII text) of --size_mb in /tmp. A second run reuses th
 """
 
 import resource
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `configs`
-
-from charlm_jax import data, text_files  # noqa: E402
-from charlm_jax.tokenizers import create_tokenizer  # noqa: E402
-from configs import transformer  # noqa: E402
+from charlm_jax import config_defaults, data, text_files
+from charlm_jax.tokenizers import create_tokenizer
 
 flags.DEFINE_integer("size_mb", 200, "Size of the generated text file.")
 flags.DEFINE_string("path", "/tmp/charlm_benchmark/corpus.txt", "Where the file goes.")
@@ -51,7 +47,7 @@ def main(argv):
     generate(path, FLAGS.size_mb)
     size_mb = path.stat().st_size / 2**20
     print(f"file: {path}, {size_mb:.0f} MB (made in {time.perf_counter() - start:.1f} s)")
-    config = transformer.get_config().data
+    config = config_defaults.base_config({}).data  # the defaults every config file has
     config.path, config.tokenizer, config.vocab_size = str(path), FLAGS.tokenizer, FLAGS.vocab_size
     config.memmap_above_mb = 0.0
     corpus = data.open_corpus(config)

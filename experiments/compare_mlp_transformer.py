@@ -22,12 +22,10 @@ from pathlib import Path
 import ml_collections
 from absl import app, flags, logging
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's charlm_jax
-
-from charlm_jax import cli, models, sweeps, text_files, train  # noqa: E402
-from charlm_jax.errors import UserError  # noqa: E402
-from charlm_jax.sampling import Sampler  # noqa: E402
-from charlm_jax.tokenizers import CharTokenizer  # noqa: E402
+from charlm_jax import cli, models, sweeps, text_files, train
+from charlm_jax.errors import UserError
+from charlm_jax.sampling import Sampler
+from charlm_jax.tokenizers import CharTokenizer
 
 flags.DEFINE_string("transformer", "configs/transformer.py:small", "The Transformer's config.")
 flags.DEFINE_string("mlp", "configs/mlp.py:small", "The MLP's config (its hidden_dim is matched).")

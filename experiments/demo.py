@@ -14,16 +14,11 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # this checkout's charlm_jax
+from charlm_jax import cli, train
+from charlm_jax.errors import UserError
+from charlm_jax.sampling import Sampler
 
-from charlm_jax import cli, train  # noqa: E402
-from charlm_jax.errors import UserError  # noqa: E402
-from charlm_jax.sampling import Sampler  # noqa: E402
-
-config_flags.DEFINE_config_file(
-    "config", f"{ROOT / 'configs' / 'transformer.py'}:demo", "Config file and preset."
-)
+config_flags.DEFINE_config_file("config", "configs/transformer.py:demo", "Config file and preset.")
 flags.DEFINE_string("workdir", "runs/demo", "Directory of the run.")
 flags.DEFINE_string("prompt", "ROMEO:", "Prompt of the samples.")
 flags.DEFINE_list("temperatures", ["0.5", "0.8", "1.0"], "Sampling temperatures.")

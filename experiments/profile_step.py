@@ -17,9 +17,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from charlm_jax import cli, parallel, train
-from charlm_jax.text_files import embedded_tiny_shakespeare
-from charlm_jax.tokenizers import CharTokenizer
+from charlm_jax import cli, step_bench
 
 config_flags.DEFINE_config_file("config", None, "Config file[:preset].", lock_config=True)
 flags.DEFINE_integer("steps", 10, "Profiled train steps.")
@@ -27,17 +25,6 @@ flags.DEFINE_integer("top", 30, "Rows of the table.")
 flags.DEFINE_string("out", "/tmp/charlm_profile", "Folder for the trace and the HLO.")
 flags.mark_flag_as_required("config")
 FLAGS = flags.FLAGS
-
-
-def compiled_step(config):
-    text = embedded_tiny_shakespeare().read_text(encoding="utf-8")
-    tokenizer = CharTokenizer.from_text(text)
-    mesh = parallel.make_mesh()
-    step, _, model_state, opt_state, _ = train.build_training(config, tokenizer.vocab_size, mesh)
-    tokens = parallel.put_replicated(tokenizer.encode(text), mesh)
-    key = jax.random.key(0)
-    compiled = step.lower(model_state, opt_state, tokens, key).compile()
-    return compiled, (model_state, opt_state, tokens, key)
 
 
 def op_metadata(hlo: str) -> dict[str, str]:
@@ -55,15 +42,15 @@ def main(argv: list[str]) -> None:
     cli.quiet_library_logs()
     out = Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
-    compiled, (model_state, opt_state, tokens, key) = compiled_step(FLAGS.config)
-    hlo = compiled.as_text()
+    setup = step_bench.compile_step(FLAGS.config)
+    hlo = setup.compiled.as_text()
     (out / "train_step.hlo").write_text(hlo)
     for _ in range(3):
-        model_state, opt_state, metrics = compiled(model_state, opt_state, tokens, key)
+        metrics = setup.advance()
     jax.block_until_ready(metrics)
     with jax.profiler.trace(str(out), create_perfetto_trace=True):
         for _ in range(FLAGS.steps):
-            model_state, opt_state, metrics = compiled(model_state, opt_state, tokens, key)
+            metrics = setup.advance()
         jax.block_until_ready(metrics)
 
     trace_file = max(out.glob("**/*.trace.json.gz"), key=lambda p: p.stat().st_mtime)

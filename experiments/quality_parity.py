@@ -24,10 +24,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags, logging
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's charlm_jax
-
-from charlm_jax import checkpoints, cli, data, sweeps, text_files  # noqa: E402
-from charlm_jax.sampling import Sampler  # noqa: E402
+from charlm_jax import checkpoints, cli, data, sweeps, text_files
+from charlm_jax.sampling import Sampler
 
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds, for both frameworks.")
 flags.DEFINE_string("config", "configs/transformer.py:nanogpt_baby", "The charlm-jax config.")

@@ -13,14 +13,11 @@ DIR/NAME/train.log; a failed run's error is in the table and the others go on.
 """
 
 import sys
-from pathlib import Path
 
 from absl import app, flags, logging
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's charlm_jax
-
-from charlm_jax import cli, sweeps  # noqa: E402
-from charlm_jax.errors import UserError  # noqa: E402
+from charlm_jax import cli, sweeps
+from charlm_jax.errors import UserError
 
 flags.DEFINE_string("config", None, "Config file and preset: configs/transformer.py:small.")
 flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,...: values to sweep (repeat for a grid).")

@@ -1,17 +1,17 @@
 """Shared fixtures: tiny configs and tiny data, so every test runs in seconds on a CPU."""
 
-import sys
+import os
+import tempfile
 from pathlib import Path
 
 import jax
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the `configs` folder is imported as a package in tests
+from charlm_jax import parallel
+from charlm_jax.text_files import embedded_tiny_shakespeare
+from configs import mlp, transformer  # importable: pytest's `pythonpath` is the repository root
 
-from charlm_jax import parallel  # noqa: E402
-from charlm_jax.text_files import embedded_tiny_shakespeare  # noqa: E402
-from configs import mlp, transformer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # GPUs run float32 matmuls as TF32 by default; the tests that compare two computations of the
 # same logits (cached vs full, blocked vs whole attention) mean float32. (Not set on CPUs,
@@ -46,6 +46,30 @@ def tiny_config(name: str = "transformer", **overrides):
         section, field = dotted.split(".")
         config[section][field] = value
     return config
+
+
+_TEMPORARY_CACHE = pytest.StashKey[tempfile.TemporaryDirectory]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """JAX's persistent compilation cache, under pytest's cache folder (a temporary one with
+    `-p no:cacheprovider`): the tests compile the same tiny programs many times over, in this
+    process and in the CLI subprocesses, which inherit the variables."""
+    cache = getattr(config, "cache", None)
+    if cache:
+        folder = str(cache.mkdir("jax-compilation-cache"))
+    else:
+        config.stash[_TEMPORARY_CACHE] = tempfile.TemporaryDirectory(suffix="-jax-cache")
+        folder = config.stash[_TEMPORARY_CACHE].name
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _TEMPORARY_CACHE in config.stash:
+        config.stash[_TEMPORARY_CACHE].cleanup()
 
 
 @pytest.fixture

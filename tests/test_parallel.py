@@ -17,10 +17,9 @@ import pytest
 from conftest import ROOT, TINY_MODEL, TINY_TRAIN, tiny_config
 from flax import nnx
 
-from charlm_jax import models, parallel, train
+from charlm_jax import models, parallel, step_bench, train
 from charlm_jax.metrics import read_history
 from charlm_jax.text_files import embedded_tiny_shakespeare
-from charlm_jax.tokenizers import CharTokenizer
 
 STEPS = {"train.num_steps": 4, "train.log_every": 1, "train.eval_every": 4}
 TEXT = embedded_tiny_shakespeare().read_text(encoding="utf-8")[:20_000]
@@ -29,22 +28,14 @@ TEXT = embedded_tiny_shakespeare().read_text(encoding="utf-8")[:20_000]
 def run_steps(config, num_steps: int = 4) -> tuple[dict, list[np.ndarray]]:
     """Runs the train step on the visible devices: ({"losses", "flops" of the compiled
     per-device program, "specs" of the parameters}, the final parameters)."""
-    tokenizer = CharTokenizer.from_text(TEXT)
-    mesh = parallel.make_mesh()
-    step, _, model_state, opt_state, _ = train.build_training(config, tokenizer.vocab_size, mesh)
-    tokens = parallel.put_replicated(tokenizer.encode(TEXT), mesh)
-    key = jax.random.key(0)
-    compiled = step.lower(model_state, opt_state, tokens, key).compile()
-    losses = []
-    for _ in range(num_steps):
-        model_state, opt_state, metrics = compiled(model_state, opt_state, tokens, key)
-        losses.append(float(metrics.compute()["loss"]))
+    setup = step_bench.compile_step(config, TEXT)
+    losses = [float(setup.advance().compute()["loss"]) for _ in range(num_steps)]
     report = {
         "losses": losses,
-        "flops": compiled.cost_analysis()["flops"],
-        "specs": [str(x.sharding.spec) for x in jax.tree.leaves(model_state)],
+        "flops": setup.compiled.cost_analysis()["flops"],
+        "specs": [str(x.sharding.spec) for x in jax.tree.leaves(setup.model_state)],
     }
-    return report, jax.tree.leaves(jax.device_get(model_state))
+    return report, jax.tree.leaves(jax.device_get(setup.model_state))
 
 
 FOUR_DEVICES = """
