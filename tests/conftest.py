@@ -1,13 +1,16 @@
 """Shared fixtures: tiny configs and tiny data, so every test runs in seconds on a CPU."""
 
+import dataclasses
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import jax
+import ml_collections
 import pytest
 
-from charlm_jax import parallel
+from charlm_jax import parallel, train
 from charlm_jax.text_files import embedded_tiny_shakespeare
 from configs import mlp, transformer  # importable: pytest's `pythonpath` is the repository root
 
@@ -72,9 +75,42 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         config.stash[_TEMPORARY_CACHE].cleanup()
 
 
+def write_text(path: Path) -> Path:
+    """Writes the first 20,000 characters of tiny Shakespeare to `path`."""
+    path.write_text(embedded_tiny_shakespeare().read_text(encoding="utf-8")[:20_000])
+    return path
+
+
 @pytest.fixture
 def text_file(tmp_path) -> Path:
     """The first 20,000 characters of tiny Shakespeare."""
-    path = tmp_path / "text.txt"
-    path.write_text(embedded_tiny_shakespeare().read_text(encoding="utf-8")[:20_000])
-    return path
+    return write_text(tmp_path / "text.txt")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A finished tiny run: its workdir, its summary, and its config (a fresh copy each call,
+    so that a test may change it)."""
+
+    workdir: Path
+    summary: dict
+    _config: ml_collections.ConfigDict
+
+    def config(self) -> ml_collections.ConfigDict:
+        return self._config.copy_and_resolve_references()
+
+    def copy(self, path: Path) -> Path:
+        """A copy of the workdir at `path`, for a test that trains in it further."""
+        return Path(shutil.copytree(self.workdir, path))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    """The tiny Transformer trained 20 steps on `text_file`'s text, evaluated and checkpointed
+    every 10 steps: trained once, for every test that needs such a run (never train in its
+    workdir: take a copy)."""
+    folder = tmp_path_factory.mktemp("trained")
+    text = write_text(folder / "text.txt")
+    config = tiny_config(**{"data.path": str(text), "train.num_steps": 20, "train.eval_every": 10})
+    summary = train.train_and_evaluate(config.copy_and_resolve_references(), folder / "run")
+    return TrainedRun(folder / "run", summary, config)

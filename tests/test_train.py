@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -59,14 +60,13 @@ def test_summary_and_workdir_layout(tmp_path, text_file):
     assert kept == {40, best_step}  # the latest and the best
 
 
-def test_reloaded_checkpoint_reproduces_the_eval_loss(tmp_path, text_file):
+def test_reloaded_checkpoint_reproduces_the_eval_loss(trained_run):
     """The latest checkpoint, loaded back, gives exactly the loss the run measured."""
-    config = tiny_config(**{"data.path": str(text_file), "train.num_steps": 20})
-    workdir = tmp_path / "run"
-    summary = train.train_and_evaluate(config, workdir)
-    model, tokenizer, loaded_config = checkpoints.load_model(workdir, "latest")
+    config, summary = trained_run.config(), trained_run.summary
+    model, tokenizer, loaded_config = checkpoints.load_model(trained_run.workdir, "latest")
     assert loaded_config.to_dict() == config.to_dict()
-    _, val = data.split_tokens(tokenizer.encode(text_file.read_text()), 0.1, 32)
+    text = Path(config.data.path).read_text()
+    _, val = data.split_tokens(tokenizer.encode(text), 0.1, 32)
     eval_step = train.make_eval_step(nnx.graphdef(model), parallel.make_mesh(), 8, 32, 2)
     eval_key = jax.random.split(jax.random.key(config.train.seed))[1]
     val_loss = float(eval_step(nnx.state(model), jax.numpy.asarray(val), eval_key))
@@ -95,23 +95,24 @@ def test_load_model_without_checkpoints(tmp_path):
         checkpoints.load_model(tmp_path)
 
 
-def test_rerun_resumes_and_keeps_the_best_checkpoint(tmp_path, text_file):
-    config = tiny_config(**{"data.path": str(text_file), "train.num_steps": 20})
-    workdir = tmp_path / "run"
-    first = train.train_and_evaluate(config, workdir)
+def test_rerun_resumes_and_keeps_the_best_checkpoint(tmp_path, trained_run):
+    workdir = trained_run.copy(tmp_path / "run")
+    config = trained_run.config()
     config.train.num_steps = 40
     second = train.train_and_evaluate(config, workdir)
     assert second["resumed_from_step"] == 20 and second["steps"] == 40
-    assert [h["step"] for h in second["history"]] == [20, 40]  # the whole run's evaluations
+    history = second["history"]
+    assert [h["step"] for h in history] == [10, 20, 30, 40]  # the whole run's evaluations
+    assert history[:2] == trained_run.summary["history"]
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
-    best_step = 20 if first["final_val_loss"] <= second["final_val_loss"] else 40
+    best_step = min(history, key=lambda h: h["val_loss"])["step"]
     assert best_step in steps and 40 in steps
-    assert second["best_val_loss"] == min(first["final_val_loss"], second["final_val_loss"])
+    assert second["best_val_loss"] == min(h["val_loss"] for h in history)
 
 
-def test_rerun_with_another_model_is_refused(tmp_path, text_file):
-    config = tiny_config(**{"data.path": str(text_file), "train.num_steps": 20})
-    train.train_and_evaluate(config, tmp_path / "run")
+def test_rerun_with_another_model_is_refused(tmp_path, trained_run):
+    trained_run.copy(tmp_path / "run")
+    config = trained_run.config()
     config.model.num_layers = 1
     with pytest.raises(UserError, match="different model .model.num_layers: 2 there, 1 now"):
         train.train_and_evaluate(config, tmp_path / "run")
@@ -127,11 +128,11 @@ def test_learning_rate_schedule():
     assert config.min_learning_rate < float(schedule(55)) < config.learning_rate
 
 
-def test_memory_mapped_corpus_trains_exactly_like_in_memory(tmp_path, text_file):
+def test_memory_mapped_corpus_trains_exactly_like_in_memory(tmp_path, text_file, trained_run):
     """Host-drawn, prefetched batches from the token cache are the on-device batches."""
-    overrides = {"data.path": str(text_file), "train.num_steps": 20, "train.eval_every": 10}
-    device = train.train_and_evaluate(tiny_config(**overrides), tmp_path / "device")
-    mapped = tiny_config(**overrides, **{"data.memmap_above_mb": 0.0})
+    device = trained_run.summary  # the same text, in memory, batches drawn on the device
+    mapped = trained_run.config()
+    mapped.data.path, mapped.data.memmap_above_mb = str(text_file), 0.0
     host = train.train_and_evaluate(mapped, tmp_path / "host")
     assert len(list(tmp_path.glob("text.txt.*.tokens"))) == 1
     for a, b in zip(device["history"], host["history"], strict=True):
