@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -95,14 +96,18 @@ def test_zero_rows_and_columns_stay_zero():
     np.testing.assert_allclose(scale[:, 0], [2.0 / 127, 1.0, 1.0], rtol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("quant")
+def train_tiny_run(tmp: Path) -> Path:
+    """A tiny Transformer trained 4 steps in tmp/run."""
     text = tmp / "text.txt"
     text.write_text("ROMEO: to be or not to be\nJULIET: that is the question\n" * 50)
     config = tiny_config(**{"data.path": str(text), "train.num_steps": 4, "train.eval_every": 4})
     train.train_and_evaluate(config, tmp / "run")
     return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return train_tiny_run(tmp_path_factory.mktemp("quant"))
 
 
 def test_export_is_smaller_and_loads_as_it_was_quantized(workdir, tmp_path):
