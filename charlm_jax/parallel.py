@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from charlm_jax.errors import UserError
 
 DATA_AXIS = "data"
+COLLECTIVE_TIMEOUT_FLAG = "xla_cpu_collective_call_terminate_timeout_seconds"
 
 
 def initialize_distributed(
@@ -93,7 +94,12 @@ def one_cpu_device_per_core(batch_size: int) -> int:
     with a device per core, the data-parallel halves of a step run side by side. On 2 cores
     (docs/performance.md): nanogpt_baby 44 -> 31-34 ms/step, nanogpt 11.9 -> 11.1 s/step.
     """
-    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    flags = os.environ.get("XLA_FLAGS", "")
+    if COLLECTIVE_TIMEOUT_FLAG not in flags:
+        # The devices meet in each step's all-reduce, and XLA aborts the process when one
+        # waits 40 s for the others: on a busy machine, a thread descheduled that long.
+        os.environ["XLA_FLAGS"] = f"{flags} --{COLLECTIVE_TIMEOUT_FLAG}=3600".strip()
+    if "xla_force_host_platform_device_count" in flags:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     count = max(n for n in range(1, (cores or 1) + 1) if batch_size % n == 0)

@@ -191,35 +191,19 @@ def build_training(
     return step, model_def, model_state, opt_state, schedule
 
 
-def make_eval_step(
-    model_def: nnx.GraphDef,
-    mesh: Mesh,
-    batch_size: int,
-    sequence_length: int,
-    num_batches: int,
-    on_device: bool = True,
-) -> Callable:
-    """(model_state, batch_data, key) -> mean loss over `num_batches` random batches, jitted;
-    each batch is split over the mesh's data axis.
+def make_eval_step(model_def: nnx.GraphDef, mesh: Mesh) -> Callable:
+    """(model_state, (inputs, targets)) -> mean loss over the batches, jitted: the arrays are
+    (num_batches, batch_size, sequence_length), each batch split over the mesh's data axis.
+    Both splits' batches have the same shape, so it compiles once."""
 
-    `batch_data` is a split's tokens (`on_device`), or its batches drawn on the host
-    (`batching.eval_batches_numpy`, the same batches).
-    """
-
-    def eval_step(model_state, batch_data, key):
+    def eval_step(model_state, batches):
         model = nnx.merge(model_def, model_state)
 
-        def batch_loss(i):
-            if on_device:
-                batch = batching.sample_batch(
-                    batch_data, jax.random.fold_in(key, i), batch_size, sequence_length
-                )
-            else:
-                batch = batch_data[0][i], batch_data[1][i]
+        def batch_loss(batch):
             inputs, targets = jax.lax.with_sharding_constraint(batch, parallel.batch_sharding(mesh))
             return cross_entropy(model(inputs), targets)
 
-        return jnp.mean(jax.lax.map(batch_loss, jnp.arange(num_batches)))
+        return jnp.mean(jax.lax.map(batch_loss, batches))
 
     return jax.jit(eval_step)
 
@@ -309,27 +293,28 @@ def _with_epochs_as_steps(config: ml_collections.ConfigDict, train_tokens: int):
 
 
 def _batch_source(config, dataset: data.Dataset, mesh, start_step: int, keys):
-    """(each step's batch data, the two splits' evaluation data, the train step's batch
-    argument spec): the token arrays on the devices, or batches drawn on the host from
-    `keys`, (data key, eval key)."""
+    """(each step's batch data, the two splits' evaluation batches, the train step's batch
+    argument spec), drawn from `keys`, (data key, eval key): the training tokens on the
+    devices, or training batches drawn on the host."""
     tc, seq_len = config.train, config.data.sequence_length
     data_key, eval_key = keys
-    train_np, val_np = dataset.train, dataset.val
-    if dataset.on_device:
-        train_tokens, val_tokens = (
-            parallel.put_replicated(np.asarray(t, np.int32), mesh) for t in (train_np, val_np)
+    # The same batches at every evaluation, so successive losses compare.
+    eval_batches = [
+        jax.tree.map(
+            lambda x: parallel.put_replicated(x, mesh),
+            batching.eval_batches_numpy(split, eval_key, tc.batch_size, seq_len, tc.eval_batches),
         )
-        batches = (train_tokens for _ in itertools.count())  # closable, like PrefetchedBatches
-        return batches, (train_tokens, val_tokens), train_tokens
-    step_batch = tc.batch_size * tc.grad_accum_steps  # windows drawn per step
-    eval_data = [
-        batching.eval_batches_numpy(t, eval_key, tc.batch_size, seq_len, tc.eval_batches)
-        for t in (train_np, val_np)
+        for split in (dataset.train, dataset.val)
     ]
+    if dataset.on_device:
+        train_tokens = parallel.put_replicated(np.asarray(dataset.train, np.int32), mesh)
+        batches = (train_tokens for _ in itertools.count())  # closable, like PrefetchedBatches
+        return batches, eval_batches, train_tokens
+    step_batch = tc.batch_size * tc.grad_accum_steps  # windows drawn per step
     batches = batching.PrefetchedBatches(
-        train_np, data_key, step_batch, seq_len, start_step, parallel.batch_sharding(mesh)
+        dataset.train, data_key, step_batch, seq_len, start_step, parallel.batch_sharding(mesh)
     )
-    return batches, eval_data, (jax.ShapeDtypeStruct((step_batch, seq_len), jnp.int32),) * 2
+    return batches, eval_batches, (jax.ShapeDtypeStruct((step_batch, seq_len), jnp.int32),) * 2
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: Path, closing: contextlib.ExitStack):
@@ -368,19 +353,15 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path, closing: contextlib
     log = MetricsLog(workdir, start_step, read_only=not is_main)
     closing.callback(log.close)
     data_key, eval_key = jax.random.split(jax.random.key(config.train.seed))
-    batches, eval_data, batch_spec = _batch_source(
+    batches, eval_batches, batch_spec = _batch_source(
         config, dataset, mesh, start_step, (data_key, eval_key)
     )
     closing.callback(batches.close)
     train_step = train_step.lower(model_state, opt_state, batch_spec, data_key).compile()
-    eval_step = make_eval_step(
-        model_def, mesh, config.train.batch_size, config.data.sequence_length,
-        config.train.eval_batches, dataset.on_device,
-    )  # fmt: skip
+    eval_step = make_eval_step(model_def, mesh)
 
     def evaluate(state: nnx.State) -> tuple[float, float]:
-        # The same batches at every evaluation, so successive losses compare.
-        losses = [eval_step(state, split, eval_key) for split in eval_data]
+        losses = [eval_step(state, split) for split in eval_batches]
         return tuple(float(x) for x in jax.device_get(losses))
 
     # A progress bar on a terminal; log lines otherwise (files, CI).

@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from charlm_jax import checkpoints, data, models, parallel, train
+from charlm_jax import batching, checkpoints, data, models, parallel, train
 from charlm_jax.errors import UserError
 from charlm_jax.tokenizers import CharTokenizer
 
@@ -67,9 +67,10 @@ def test_reloaded_checkpoint_reproduces_the_eval_loss(trained_run):
     assert loaded_config.to_dict() == config.to_dict()
     text = Path(config.data.path).read_text()
     _, val = data.split_tokens(tokenizer.encode(text), 0.1, 32)
-    eval_step = train.make_eval_step(nnx.graphdef(model), parallel.make_mesh(), 8, 32, 2)
+    eval_step = train.make_eval_step(nnx.graphdef(model), parallel.make_mesh())
     eval_key = jax.random.split(jax.random.key(config.train.seed))[1]
-    val_loss = float(eval_step(nnx.state(model), jax.numpy.asarray(val), eval_key))
+    val_batches = batching.eval_batches_numpy(val, eval_key, 8, 32, 2)
+    val_loss = float(eval_step(nnx.state(model), val_batches))
     assert val_loss == summary["final_val_loss"]
 
 
