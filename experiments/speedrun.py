@@ -116,7 +116,7 @@ def train_to_target(config, reference: Reference, target: float, check_every: in
     import jax
     import numpy as np
 
-    from charlm_jax import data, train
+    from charlm_jax import batching, data, train
 
     seq_len = config.data.sequence_length
     dataset = data.load_dataset(config.data)
@@ -126,13 +126,16 @@ def train_to_target(config, reference: Reference, target: float, check_every: in
     step_fn, model_def, model_state, opt_state, _ = train.build_training(
         config, dataset.tokenizer.vocab_size, mesh
     )
-    train_tokens, val_tokens = (
-        parallel.put_replicated(np.asarray(t, np.int32), mesh) for t in (dataset.train, dataset.val)
-    )
+    train_tokens = parallel.put_replicated(np.asarray(dataset.train, np.int32), mesh)
     data_key, eval_key = jax.random.split(jax.random.key(config.train.seed))  # as train.py
-    estimate = train.make_eval_step(
-        model_def, mesh, reference.estimate_batch_size, seq_len, reference.estimate_batches
-    )
+    estimate = train.make_eval_step(model_def, mesh)
+    val_batches = jax.tree.map(
+        lambda x: parallel.put_replicated(x, mesh),
+        batching.eval_batches_numpy(
+            dataset.val, eval_key, reference.estimate_batch_size, seq_len,
+            reference.estimate_batches,
+        ),
+    )  # fmt: skip
     step_fn = step_fn.lower(model_state, opt_state, train_tokens, data_key).compile()
     started = time.perf_counter() - START
     best, loss, step, losses = math.inf, math.inf, 0, []
@@ -148,7 +151,7 @@ def train_to_target(config, reference: Reference, target: float, check_every: in
         # The estimate costs a few steps: skipped while the training loss (the validation
         # loss is above it here) is still well above the target.
         if train_loss <= target + gate or step == max_steps or out_of_time:
-            loss = float(estimate(model_state, val_tokens, eval_key))
+            loss = float(estimate(model_state, val_batches))
             best = min(best, loss)
         if loss <= target or out_of_time or not math.isfinite(train_loss) or math.isnan(loss):
             break
