@@ -140,9 +140,10 @@ def measurement_table(name: str) -> str:
     return f"{table}\n\nMeasured by {commands}; {record['measured']}."
 
 
-def _speedrun_runs(kind: str) -> list[dict]:
-    """The runs of experiments/speedrun.py kept in results/speedrun/KIND/*.json, by name."""
-    return [json.loads(p.read_text()) for p in sorted((RESULTS / "speedrun" / kind).glob("*.json"))]
+def _speedrun_records() -> list[dict]:
+    """The runs of experiments/speedrun.py kept in results/speedrun/records/*.json, by name."""
+    files = sorted((RESULTS / "speedrun" / "records").glob("*.json"))
+    return [json.loads(p.read_text()) for p in files]
 
 
 def _command(run: dict) -> str:
@@ -159,7 +160,7 @@ def speedrun_table() -> str:
     """The speedrun's record table, one row per record (seeds each timed in a fresh process),
     after the PyTorch peer's nanoGPT recipe, timed alternated with the first record's seeds."""
     rows = []
-    for run in _speedrun_runs("records"):
+    for run in _speedrun_records():
         seeds = run["runs"]
         if "peer" in run and not rows:
             peer = run["peer"]
@@ -182,35 +183,11 @@ def speedrun_table() -> str:
     return sweeps.markdown_table(rows, list(rows[0]))
 
 
-def _steps_to_target(run: dict) -> str:
-    if run["reached"]:
-        return str(run["steps"])
-    return f"none in {run['steps']} (best {run['best_estimate']:.4f})"
-
-
-def speedrun_ablation_table() -> str:
-    """The speedrun's changes added one at a time: steps, tokens and time to the target."""
-    rows = [
-        {
-            "change (added to the row above)": run["label"],
-            "steps to target": _slashed(_steps_to_target(r) for r in run["runs"]),
-            "tokens (M)": _slashed((r["tokens"] / 1e6 for r in run["runs"]), "{:.2f}"),
-            "ms/step": f"{run['mean']['step_ms']:.0f}",
-            "seconds to target": f"{run['mean']['wall_to_target_s']:.1f}",
-            "whole val text": f"{run['mean']['whole_val_loss']:.4f}",
-            "command": _command(run),
-        }
-        for run in _speedrun_runs("ablation")
-    ]
-    return sweeps.markdown_table(rows, list(rows[0]))
-
-
 TABLES: dict[str, Callable[[], str]] = {
     "parity": parity_table,
     "demo": demo_table,
     "presets": presets_table,
     "speedrun": speedrun_table,
-    "speedrun_ablation": speedrun_ablation_table,
 }
 
 
