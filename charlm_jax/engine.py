@@ -231,6 +231,7 @@ class Engine:
         self._step = jax.jit(
             lambda w, s, r: _decode(nnx.merge(graphdef, w), s, r, steps_per_call, context),
             donate_argnums=1,
+            compiler_options={"xla_cpu_copy_insertion_use_region_analysis": True},
         )
         self._prefill = jax.jit(
             lambda w, s, *rows: _prefill(nnx.merge(graphdef, w), context, s, *rows),
@@ -239,6 +240,16 @@ class Engine:
         empty = jax.jit(lambda w: _empty_state(nnx.merge(graphdef, w), num_slots, context))
         self._state = empty(self._weights)
         self.vocab_size = self._state.logits.shape[1]
+
+    def warm_up(self) -> None:
+        """Compiles every shape a run can need (the decode call, each prefill width for each
+        row count), so that no request waits for a compilation later. Needs an idle engine."""
+        if self.active_slots():
+            raise ValueError("warm_up() needs an idle engine")
+        for width in self._buckets:
+            for rows in self._rows:
+                self._prefill_rows(width, [None] * rows)  # padding rows: the state is unchanged
+        self._state, _ = self._step(self._weights, self._state, np.zeros(self.num_slots, bool))
 
     def free_slots(self) -> list[int]:
         return [i for i, r in enumerate(self._requests) if r is None]
@@ -344,7 +355,7 @@ class Engine:
         seeds = np.zeros((rows, 2), np.uint32)
         temperature, top_p = np.ones(rows, np.float32), np.ones(rows, np.float32)
         top_k = np.zeros(rows, np.int32)
-        for i, slot in enumerate(slots):
+        for i, slot in enumerate(s for s in slots if s is not None):
             p = self._pending[slot]
             r = p.request
             tokens[i, : len(p.window)], lengths[i], index[i] = p.window, len(p.window), slot

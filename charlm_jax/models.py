@@ -34,6 +34,7 @@ INIT_STD = 0.02  # GPT-2 / nanoGPT initialisation
 QUERY_BLOCK = 128  # full-sequence attention runs in blocks of this many queries
 ACTIVATIONS = ("gelu", "relu2")
 ATTENTIONS = ("xla", "dot_product")
+KV_BLOCK = 64  # columns per block of a KV cache (decoding skips the blocks nobody sees)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,10 +273,38 @@ def write_slots(cache: jax.Array, new: jax.Array, slot, axis: int) -> jax.Array:
 
 
 class KVCache(NamedTuple):
-    """One attention layer's keys and values, each (batch, heads, slots, head_dim)."""
+    """One attention layer's keys and values, each a tuple of blocks (batch, heads, columns,
+    head_dim) of KV_BLOCK columns (the last may be narrower): decoding reads only the blocks
+    that some query may see (a cache of separate buffers, as a slice of one buffer would be
+    copied before the matmul)."""
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @classmethod
+    def zeros(cls, batch: int, heads: int, length: int, head_dim: int) -> KVCache:
+        widths = [min(KV_BLOCK, length - start) for start in range(0, length, KV_BLOCK)]
+        blocks = lambda: tuple(jnp.zeros((batch, heads, w, head_dim)) for w in widths)  # noqa: E731
+        return cls(blocks(), blocks())
+
+    def write(self, k: jax.Array, v: jax.Array, slot) -> KVCache:
+        """The cache with k, v (batch, heads, time, head_dim) written at columns slot.. (one
+        index, or one per row)."""
+        batch, _, time, _ = k.shape
+        columns = jnp.broadcast_to(jnp.reshape(slot, (-1, 1)), (batch, 1)) + jnp.arange(time)
+        rows = jnp.arange(batch)[:, None]
+
+        def put(blocks, new):
+            new, out, start = new.transpose(0, 2, 1, 3), [], 0  # (batch, time, heads, dim)
+            for block in blocks:
+                width = block.shape[2]
+                index = columns - start
+                index = jnp.where((index >= 0) & (index < width), index, width)  # else dropped
+                out.append(block.at[rows, :, index].set(new.astype(block.dtype), mode="drop"))
+                start += width
+            return tuple(out)
+
+        return KVCache(put(self.k, k), put(self.v, v))
 
 
 class CausalSelfAttention(nnx.Module):
@@ -321,23 +350,8 @@ class CausalSelfAttention(nnx.Module):
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
         attend = functools.partial(self._attend, train=train, rngs=rngs)
         if cache is not None:
-            # The queries see the cache as it was (less the slots being written) and the new
-            # keys; the written cache is then only the next call's input, which XLA updates in
-            # place. Attending to the written cache would make XLA copy each layer's cache at
-            # every decoding step.
-            # `slot` is one index for all rows or one per row (batch,).
-            start = jnp.reshape(slot, (-1, 1, 1))
-            written = start + jnp.arange(time)  # (1 or batch, 1, time)
-            slots = jnp.arange(cache.k.shape[2])
-            stale = (slots >= start) & (slots < start + time)
-            new_mask = jnp.take_along_axis(
-                mask, jnp.broadcast_to(written, mask.shape[:2] + (time,)), axis=2
-            )
-            y = attend(q, [cache.k, k], [cache.v, v], [mask & ~stale, new_mask])
-            cache = KVCache(
-                write_slots(cache.k, k.astype(cache.k.dtype), slot, axis=2),
-                write_slots(cache.v, v.astype(cache.v.dtype), slot, axis=2),
-            )
+            cache = cache.write(k, v, slot)
+            y = self._attend_cached(q, mask, cache)
         elif time > QUERY_BLOCK:
             # Causal: the queries in [start, end) see keys before end only. Skipping the rest
             # saves a quarter of the attention work at time 256 (docs/performance.md).
@@ -357,6 +371,40 @@ class CausalSelfAttention(nnx.Module):
             y = attend(q, [k], [v], [mask])
         y = y.transpose(0, 2, 1, 3).reshape(batch, time, dim)
         return self.dropout(dense(self.out, y), deterministic=not train, rngs=rngs), cache
+
+    def _attend_cached(self, q: jax.Array, mask: jax.Array, cache: KVCache) -> jax.Array:
+        """Attention of q (batch, heads, time, head_dim) over the cache, its new keys and
+        values already written, where `mask` (batch, time, columns) allows. Writing first
+        keeps the cache updates in place: XLA copied every block that was read (inside a
+        `cond`) before being written. A block that no query may see is skipped; the softmax
+        runs per block with a shared maximum (as flash attention), so a skipped block and a
+        computed, fully masked one give the same bits."""
+        batch, heads, time, head_dim = q.shape
+        low = jnp.finfo(jnp.float32).min
+
+        def block(keys, values, m):
+            scores = jnp.einsum("bhqd,bhkd->bhqk", q, keys).astype(jnp.float32)
+            scores = jnp.where(m[:, None], scores / math.sqrt(head_dim), low)
+            top = jnp.max(scores, axis=-1, keepdims=True)
+            e = jnp.exp(scores - top)
+            out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(values.dtype), values)
+            return top, jnp.sum(e, axis=-1, keepdims=True), out.astype(jnp.float32)
+
+        def skip(keys, values, m):
+            del keys, values, m
+            zeros = jnp.zeros((batch, heads, time, 1))
+            return zeros + low, zeros, jnp.zeros((batch, heads, time, head_dim))
+
+        parts, offset = [], 0
+        for keys, values in zip(cache.k, cache.v, strict=True):
+            m = mask[:, :, offset : offset + keys.shape[2]]
+            parts.append(jax.lax.cond(jnp.any(m), block, skip, keys, values, m))
+            offset += keys.shape[2]
+        top = functools.reduce(jnp.maximum, [p[0] for p in parts])
+        scales = [jnp.exp(p[0] - top) for p in parts]
+        total = sum(scale * p[1] for scale, p in zip(scales, parts, strict=True))
+        out = sum(scale * p[2] for scale, p in zip(scales, parts, strict=True))
+        return (out / total).astype(q.dtype)
 
     def _attend(self, q, keys, values, masks, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
         """Softmax attention of q (batch, heads, queries, head_dim) over groups of keys and
@@ -469,8 +517,9 @@ class Transformer(nnx.Module):
 
     def init_cache(self, batch: int, length: int) -> list[KVCache]:
         """An empty KV cache of `length` slots per layer (length <= max_length)."""
-        shape = (batch, self.cfg.num_heads, length, self.cfg.head_dim)
-        return [KVCache(jnp.zeros(shape), jnp.zeros(shape)) for _ in self.blocks]
+        return [
+            KVCache.zeros(batch, self.cfg.num_heads, length, self.cfg.head_dim) for _ in self.blocks
+        ]
 
     def forward_cached(
         self,

@@ -2,6 +2,10 @@
 PyTorch (fused SDPA attention, AdamW, gradient clipping, nanoGPT's batch sampling), timed
 the same way: compile/warm-up excluded, median of per-step times.
 
+With --decode_batch=B it instead times KV-cache decoding (`decode`: batch B, a one-token
+prompt, --new_tokens per row, the cache written in place, F.scaled_dot_product_attention,
+torch.inference_mode) for experiments/benchmark_sampling.py.
+
 With --train_steps=N it instead trains a full nanoGPT run (nanoGPT's learning-rate schedule,
 its evaluation of 20 random batches every 250 steps, keeping the best) and also scores the
 whole validation text in windows of the context, as `Sampler.log_probs` does, so its losses
@@ -42,12 +46,18 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
+        """x (b, t, d). With `cache` (keys, values of (b, heads, context, head_dim)), the new
+        keys and values are written in place at start..start+t-1 and attend over the cache up
+        to them (t > 1: a prefill from 0, causal; t == 1: one new token sees them all)."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, 2)
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        if cache is not None:
+            cache[0][:, :, start : start + t], cache[1][:, :, start : start + t] = k, v
+            k, v = cache[0][:, :, : start + t], cache[1][:, :, : start + t]
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=t > 1, dropout_p=self.dropout if self.training else 0.0
         )
         x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, d)))
         return x + self.drop(self.down(F.gelu(self.up(self.ln2(x)), approximate=self.gelu)))
@@ -74,11 +84,52 @@ class GPT(nn.Module):
         """Mean cross-entropy of the next-token predictions."""
         return F.cross_entropy(self.logits(idx).flatten(0, 1), targets.flatten())
 
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.tok(idx) + self.pos(torch.arange(idx.shape[1])))
-        for block in self.blocks:
-            x = block(x)
+    def logits(self, idx: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
+        """Logits of idx (b, t) at positions start..; `cache`: one (keys, values) per block."""
+        x = self.drop(self.tok(idx) + self.pos(torch.arange(start, start + idx.shape[1])))
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache[i], start)
         return self.ln(x) @ self.tok.weight.T
+
+
+@torch.inference_mode()
+def decode(model: GPT, batch: int, new_tokens: int, p: dict) -> torch.Tensor:
+    """Samples `new_tokens` per row at temperature 1 from a one-token prompt with a KV cache
+    written in place; when the text fills the context, the oldest half is dropped and the
+    cache rebuilt from the rest (charlm-jax's policy)."""
+    context, head_dim = p["context"], p["dim"] // p["heads"]
+    shape = (batch, p["heads"], context, head_dim)
+    cache = [(torch.zeros(shape), torch.zeros(shape)) for _ in model.blocks]
+    window = torch.zeros((batch, context), dtype=torch.long)
+    length = 1
+    logits = model.logits(window[:, :1], cache)[:, -1]
+    out = torch.empty((batch, new_tokens), dtype=torch.long)
+    for i in range(new_tokens):
+        token = torch.multinomial(F.softmax(logits, -1), 1)
+        out[:, i : i + 1] = token
+        if length == context:  # rebuild from the newest half and the new token
+            keep = context - context // 2
+            window[:, :keep] = window[:, context // 2 :].clone()
+            window[:, keep : keep + 1] = token
+            length = keep + 1
+            logits = model.logits(window[:, :length], cache)[:, -1]
+        else:
+            window[:, length : length + 1] = token
+            logits = model.logits(token, cache, length)[:, -1]
+            length += 1
+    return out
+
+
+def time_decode(model: GPT, p: dict, batch: int, new_tokens: int, repeats: int) -> float:
+    """Median tokens/s of `decode` over `repeats` runs after one warm-up run."""
+    model.eval()
+    decode(model, batch, min(new_tokens, 8), p)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        decode(model, batch, new_tokens, p)
+        times.append(time.perf_counter() - start)
+    return batch * new_tokens / statistics.median(times)
 
 
 def nanogpt_lr(step: int, steps: int, peak=1e-3, minimum=1e-4, warmup=100) -> float:
@@ -110,6 +161,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--train_steps", type=int, default=0, help="> 0: a full training run")
+    parser.add_argument("--decode_batch", type=int, default=0, help="> 0: time KV-cache decoding")
+    parser.add_argument("--new_tokens", type=int, default=200, help="decoding: tokens per row")
+    parser.add_argument("--repeats", type=int, default=3, help="decoding: timed runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--gelu",
@@ -153,6 +207,14 @@ def main() -> None:
 
     if args.train_steps:
         train(args, model, opt, step, batch, val, p["context"])
+        return
+    if args.decode_batch:
+        rate = time_decode(model, p, args.decode_batch, args.new_tokens, args.repeats)
+        print(
+            f"pytorch {torch.__version__} {args.preset} decode ({torch.get_num_threads()} "
+            f"threads): batch {args.decode_batch}, {args.new_tokens} tokens per row: "
+            f"{rate:,.0f} tokens/s"
+        )
         return
     for _ in range(args.warmup):
         step()

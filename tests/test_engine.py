@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from test_sampling import CONTEXT, VARIANTS, greedy_reference, make_sampler
 
-from charlm_jax.engine import Engine, EngineFull, Request, prefill_buckets, stop_position
+from charlm_jax.engine import Engine, EngineFull, Request, stop_position
 
 STEPS = 8  # tokens per engine call in these tests
 
@@ -82,15 +82,10 @@ def test_no_recompilation_in_steady_state(sampler, engine):
     def request(length, new_tokens):
         return Request(rng.integers(0, vocab, length), new_tokens, seed=length)
 
-    # Warm-up: every prefill width, for one row and for all: prompts of that width, and
-    # the rebuilds when their windows fill (at the same time in a group).
-    for width in prefill_buckets(CONTEXT):
-        for group in (1, engine.num_slots):
-            for _ in engine.generate([request(width, CONTEXT) for _ in range(group)]):
-                pass
+    engine.warm_up()
     compiled = engine._step._cache_size() + engine._prefill._cache_size()
     produced = 0
-    lengths, new_tokens = rng.integers(1, 2 * CONTEXT, (2, 40))
+    lengths, new_tokens = rng.integers(1, 2 * CONTEXT, (2, 40))  # and their rebuilds
     for outputs in engine.generate(map(request, lengths, new_tokens)):
         produced += sum(len(o.tokens) for _, o in outputs)
     assert produced == new_tokens.sum()
