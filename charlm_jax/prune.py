@@ -18,7 +18,6 @@ Each layer keeps its `round(mlp_keep * hidden_dim)` best neurons, in their origi
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from charlm_jax import checkpoints, cli, data, models, train
+from charlm_jax import checkpoints, cli, config_defaults, data, models, train
 from charlm_jax.errors import UserError
 
 STATS_BATCHES = 8  # training batches the activation statistics are measured on
@@ -106,7 +105,9 @@ def prune_model(
         kept = np.sort(np.argsort(-score, kind="stable")[:keep])
         _cut(_child(*producer), kept, axis=1)
         _cut(_child(*reader), kept, axis=0)
-    config = copy.deepcopy(config)
+    # Today's defaults under the run's values: a run written before a field existed lacks it.
+    saved, config = config, config_defaults.base_config(config.model.to_dict())
+    config.update(saved.to_dict())
     config.model.hidden_dim = keep
     small = nnx.eval_shape(lambda: models.create_model(config, vocab_size, nnx.Rngs(0)))
     return nnx.merge(nnx.graphdef(small), nnx.state(pruned)), config
