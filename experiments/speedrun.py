@@ -110,13 +110,10 @@ def train_to_target(config, reference: Reference, target: float, check_every: in
     """Trains `config` until nanoGPT's validation estimate is <= `target` or a budget runs
     out, checking every `check_every` steps once the mean training loss of the last ones is
     within `gate` of the target; the run's record (times from the process start)."""
-    from charlm_jax import parallel
-
-    parallel.one_cpu_device_per_core(config.train.batch_size)  # before JAX's backends start
     import jax
     import numpy as np
 
-    from charlm_jax import batching, data, train
+    from charlm_jax import batching, data, parallel, train
 
     seq_len = config.data.sequence_length
     dataset = data.load_dataset(config.data)
@@ -225,13 +222,16 @@ def run_seeds(argv: list[str], seeds: list[str]) -> tuple[list[dict], list[dict]
 
 def run_here(seed: str, target: float) -> dict:
     """One seed's record, trained in this process."""
-    from charlm_jax import sweeps, train
+    from charlm_jax import parallel, sweeps, train
 
     config_arg = FLAGS.config or REFERENCES[FLAGS.reference].config
     config = sweeps.load_config(sweeps.expand_grid(config_arg, [], FLAGS.set)[0])
     config.train.seed = int(seed)
     train.validate(config)
     max_steps = FLAGS.max_steps or config.train.num_steps
+    # A process-wide setting, so the CLI makes it (before JAX's backends start), not
+    # train_to_target, which tests call in a process whose backends already run.
+    parallel.one_cpu_device_per_core(config.train.batch_size)
     return train_to_target(
         config, REFERENCES[FLAGS.reference], target, FLAGS.check_every, max_steps,
         FLAGS.max_seconds, FLAGS.gate,
