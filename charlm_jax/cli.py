@@ -1,5 +1,6 @@
 """What the command-line entry points share: flag parsing that fails in one line, quiet
-library logs, stderr held while a checkpoint loads, and signals that stop a run cleanly."""
+library logs, errors as one line and an exit status, stderr held while a checkpoint loads,
+and signals that stop a run cleanly."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 PACKAGE_DIR = "charlm_jax/"
 STRAY_OUTPUT_WAIT_S = 0.5  # for the reads a failed restore left in flight to finish
@@ -28,6 +29,28 @@ def quiet_library_logs() -> None:
     """Shows this package's INFO lines and everyone's warnings; orbax and jax log every file
     they touch at INFO."""
     logging.get_absl_handler().addFilter(_keep_record)
+
+
+def start(argv: list[str]) -> None:
+    """The start of every entry point's `main`: no positional arguments, quiet library logs."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    quiet_library_logs()
+
+
+@contextlib.contextmanager
+def exit_on_error(error_type: type[Exception] = ValueError) -> Iterator[None]:
+    """Turns an `error_type` (UserError is a ValueError) raised in the block into
+    `error: MESSAGE` on stderr and exit status 1."""
+    try:
+        yield
+    except error_type as e:
+        sys.exit(f"error: {e}")
+
+
+def checkpoint_arg(value: str) -> str | int:
+    """A `--checkpoint` flag's value: a step number, or a name such as "best" or "latest"."""
+    return int(value) if value.isdigit() else value
 
 
 @contextlib.contextmanager

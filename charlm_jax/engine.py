@@ -79,8 +79,8 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
 
 def gumbel_noise(seed: jax.Array, step: jax.Array, size: int) -> jax.Array:
     """Standard Gumbel noise (size,) for a row's draw number `step`, from the row's `seed`
-    (two uint32) through a hashed counter: no threefry per token (nanogpt_baby batch 1
-    decoding: 4.3-4.7k -> 5.2-6.1k tokens/s)."""
+    (two uint32) through a hashed counter: no threefry chain per token, which cost small
+    models a fifth of their decode speed (docs/performance.md, Decoding)."""
     bits = random_bits.hashed_bits(seed, (size,), offset=step.astype(jnp.uint32) * size)
     uniform = ((bits >> 8).astype(jnp.float32) + 0.5) * 2.0**-24  # 24 bits, in (0, 1)
     return -jnp.log(-jnp.log(uniform))

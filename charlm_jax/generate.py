@@ -8,7 +8,6 @@ python -m charlm_jax.generate --workdir=DIR --interactive
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from absl import app, flags
@@ -40,10 +39,6 @@ HELP = """Type a prompt and press Enter to continue it. Commands:
   quit       leave (or Ctrl-D)"""
 SETTINGS = {"temp": ("temperature", float), "length": ("max_new_tokens", int),
             "topk": ("top_k", int), "topp": ("top_p", float), "seed": ("seed", int)}  # fmt: skip
-
-
-def _parse_checkpoint(value: str) -> str | int:
-    return int(value) if value.isdigit() else value
 
 
 def _read_prompts() -> list[str]:
@@ -96,15 +91,13 @@ def interactive(sampler: Sampler, settings: dict) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.quiet_library_logs()
-    try:
+    cli.start(argv)
+    with cli.exit_on_error():  # UserError is a ValueError; so are bad sampling options
         if FLAGS.num_samples < 1:
             raise UserError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
         with cli.stderr_held():
             sampler = Sampler.from_workdir(
-                FLAGS.workdir, _parse_checkpoint(FLAGS.checkpoint), FLAGS.quantize
+                FLAGS.workdir, cli.checkpoint_arg(FLAGS.checkpoint), FLAGS.quantize
             )
         if FLAGS.interactive:
             interactive(sampler, {
@@ -120,8 +113,6 @@ def main(argv: list[str]) -> None:
             prompts, FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
             seed=FLAGS.seed, stop=FLAGS.stop, beam_size=FLAGS.beam_size,
         )  # fmt: skip
-    except ValueError as e:  # UserError is one; so are bad sampling options
-        sys.exit(f"error: {e}")
     for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
         if i:
             print("-" * 40)

@@ -34,10 +34,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.quiet_library_logs()
-    try:
+    cli.start(argv)
+    with cli.exit_on_error(UserError):
         train.validate(FLAGS.config)  # before JAX starts or waits for other processes
         parallel.one_cpu_device_per_core(FLAGS.config.train.batch_size)
         parallel.initialize_distributed(
@@ -47,8 +45,6 @@ def main(argv: list[str]) -> None:
         parallel.warn_if_gpu_wheel_unused()
         with cli.StopSignals() as signals:
             summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, signals.requested)
-    except UserError as e:
-        sys.exit(f"error: {e}")
     if summary["stop_reason"].startswith("interrupted"):
         sys.exit(
             f"{summary['stop_reason']}: checkpoint saved at step {summary['steps']}; "

@@ -91,8 +91,8 @@ def one_cpu_device_per_core(batch_size: int) -> int:
     backends. It only matters where the CPU is the accelerator.
 
     XLA:CPU's threads inside single ops leave cores idle on these models' small matmuls;
-    with a device per core, the data-parallel halves of a step run side by side. On 2 cores
-    (docs/performance.md): nanogpt_baby 44 -> 31-34 ms/step, nanogpt 11.9 -> 11.1 s/step.
+    with a device per core, the data-parallel halves of a step run side by side (measured in
+    docs/performance.md, One JAX device per CPU core).
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if COLLECTIVE_TIMEOUT_FLAG not in flags:

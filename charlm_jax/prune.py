@@ -19,7 +19,6 @@ Each layer keeps its `round(mlp_keep * hidden_dim)` best neurons, in their origi
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import jax
@@ -217,19 +216,15 @@ def prune_workdir(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.quiet_library_logs()
+    cli.start(argv)
     FLAGS = flags.FLAGS
-    try:
+    with cli.exit_on_error():
         if not FLAGS.workdir or not FLAGS.out:
             raise UserError("--workdir and --out are required")
         result = prune_workdir(
             FLAGS.workdir, FLAGS.out, FLAGS.mlp_keep, FLAGS.finetune_steps,
             FLAGS.finetune_learning_rate,
         )  # fmt: skip
-    except ValueError as e:
-        sys.exit(f"error: {e}")
     line = f"pruned to hidden_dim {result['hidden_dim']}, {result['num_params']:,} parameters"
     print(f"{line}; validation {result['val_bpc']:.4f} bits per character before fine-tuning")
     if "finetune" in result:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import jax
@@ -187,17 +186,12 @@ def export(workdir: str | Path, out: str | Path, checkpoint: str | int = "best")
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.quiet_library_logs()
+    cli.start(argv)
     FLAGS = flags.FLAGS
-    try:
+    with cli.exit_on_error():
         if not FLAGS.workdir or not FLAGS.out:
             raise UserError("--workdir and --out are required")
-        step = FLAGS.checkpoint
-        path = export(FLAGS.workdir, FLAGS.out, int(step) if step.isdigit() else step)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+        path = export(FLAGS.workdir, FLAGS.out, cli.checkpoint_arg(FLAGS.checkpoint))
     print(f"int8 checkpoint written to {path}")
 
 

@@ -32,9 +32,8 @@ STREAM_CHUNK = 16  # tokens per chunk when the generate CLI streams
 MAX_SLOTS = 64  # the most rows a Sampler decodes at once; more prompts wait for a slot
 MIN_OUTPUT_BUCKET = 64  # beam search's output buffers are sized to powers of two from here
 # XLA options of the beam search loop. Region analysis lets XLA:CPU update the KV cache in place
-# at each step; without it every layer's cache was copied before each update (with the
-# attention change in models.py, nanogpt at batch 1: 348-372 -> 411-508 tokens/s on a
-# 2-core CPU, docs/performance.md).
+# at each step; without it every layer's cache was copied before each update
+# (docs/performance.md, Decoding).
 DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
@@ -93,8 +92,7 @@ def _refill(model, s: DecodeState, token: jax.Array) -> DecodeState:
     s = _make_room(s)
     tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.filled, axis=1)
     # Usually every row dropped half its text: then only the kept half and the new token
-    # are prefilled (500 tokens, 2-core CPU: nanogpt batch 1 450-465 -> 505-538 tokens/s,
-    # nanogpt_baby batch 16 13.3-13.8k -> 15.5-16.2k).
+    # are prefilled, not the whole buffer (docs/performance.md, Decoding).
     half = tokens.shape[1] // 2 + 1
     cache, logits = jax.lax.cond(
         s.filled < half,

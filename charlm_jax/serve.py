@@ -77,9 +77,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.quiet_library_logs()
+    cli.start(argv)
     options = ServeOptions(
         max_queue=FLAGS.max_queue,
         request_timeout=FLAGS.request_timeout,
@@ -88,14 +86,11 @@ def main(argv: list[str]) -> None:
         cache_entries=FLAGS.cache_entries,
         cache_bytes=FLAGS.cache_mb << 20,
     )
-    try:
-        checkpoint = int(FLAGS.checkpoint) if FLAGS.checkpoint.isdigit() else FLAGS.checkpoint
-        with cli.stderr_held():
-            service = Service.from_workdir(
-                Path(FLAGS.workdir), checkpoint, FLAGS.num_slots, FLAGS.quantize, options
-            )
-    except ValueError as e:  # UserError is one
-        sys.exit(f"error: {e}")
+    with cli.exit_on_error(), cli.stderr_held():
+        service = Service.from_workdir(
+            Path(FLAGS.workdir), cli.checkpoint_arg(FLAGS.checkpoint), FLAGS.num_slots,
+            FLAGS.quantize, options,
+        )  # fmt: skip
     logging.info("serving %s on http://%s:%d", service.info.id, FLAGS.host, FLAGS.port)
     config = uvicorn.Config(
         create_app(service),
