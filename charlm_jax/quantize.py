@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -99,20 +100,36 @@ class Int8TiedEmbed(nnx.Module):
         return int8_matmul(x, self.head[...], self.scale[...])
 
 
-def _swap_linears(node) -> None:
-    """Replaces, in place, every nnx.Linear below `node` by an Int8Linear."""
+def _replace_modules(node, convert: Callable[[nnx.Module], nnx.Module | None]) -> None:
+    """Replaces, in place, every module below `node` for which `convert` gives a new one."""
     for key, child in list(nnx.iter_children(node)):
-        if isinstance(child, nnx.Linear):
-            new = Int8Linear(child)
-        elif isinstance(child, nnx.Module | nnx.List):
-            _swap_linears(child)
+        if not isinstance(child, nnx.Module | nnx.List):
             continue
-        else:
-            continue
-        if isinstance(node, nnx.List):
+        new = convert(child) if isinstance(child, nnx.Module) else None
+        if new is None:
+            _replace_modules(child, convert)
+        elif isinstance(node, nnx.List):
             node[key] = new
         else:
             setattr(node, key, new)
+
+
+def _to_float(module: nnx.Module) -> nnx.Module | None:
+    """The float32 layer an int8 one came from, with the weights it holds (q * scale)."""
+    if isinstance(module, Int8TiedEmbed):
+        embed = nnx.Embed(module.num_embeddings, module.features, rngs=nnx.Rngs(0))
+        embed.embedding[...] = module.embedding[...]
+        return embed
+    if not isinstance(module, Int8Linear):
+        return None
+    linear = nnx.Linear(
+        module.in_features, module.out_features, use_bias=module.bias is not None,
+        rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    linear.kernel[...] = module.kernel[...].astype(jnp.float32) * module.scale[...]
+    if module.bias is not None:
+        linear.bias[...] = module.bias[...]
+    return linear
 
 
 def is_quantized(model: nnx.Module) -> bool:
@@ -128,10 +145,25 @@ def quantize_model(model: nnx.Module, mode: str = "int8") -> nnx.Module:
     if is_quantized(model):
         raise ValueError("the model is already quantized")
     model = nnx.clone(model)
-    _swap_linears(model)
-    if isinstance(model, models.Transformer):  # its output head is the embedding's attend
-        model.embed = Int8TiedEmbed(model.embed)
+    _replace_modules(model, lambda m: Int8Linear(m) if isinstance(m, nnx.Linear) else None)
+    if isinstance(model, models.Transformer) and model.cfg.tie_embeddings:
+        model.embed = Int8TiedEmbed(model.embed)  # the output head is the embedding's attend
     return model
+
+
+def dequantize_model(model: nnx.Module) -> nnx.Module:
+    """A float32 copy of a quantized `model`: its int8 layers become float32 ones holding the
+    quantized weights times their scales (the tied head: the float32 embedding table)."""
+    model = nnx.clone(model)
+    _replace_modules(model, _to_float)
+    return model
+
+
+def for_slots(model: nnx.Module, num_slots: int) -> nnx.Module:
+    """The model an engine of `num_slots` slots decodes with: a quantized model's float32
+    copy (`dequantize_model`) below MIN_ROWS slots, where int8 dots are slower than float32
+    ones on the CPU (docs/quantization.md); `model` itself otherwise."""
+    return dequantize_model(model) if num_slots < MIN_ROWS and is_quantized(model) else model
 
 
 QUANTIZATION_FILE = "quantization.json"  # in a workdir whose checkpoints are quantized

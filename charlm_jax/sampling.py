@@ -201,11 +201,13 @@ class Sampler:
 
     def engine(self, rows: int, steps_per_call: int | None = None) -> Engine:
         """The engine this Sampler decodes `rows` prompts with: min(MAX_SLOTS, the next power
-        of two) slots (one engine, compiled once, per size)."""
+        of two) slots (one engine, compiled once, per size). A quantized model's engines of
+        fewer than `quantize.MIN_ROWS` slots decode with its float32 copy (faster there)."""
         slots = min(MAX_SLOTS, 1 << max(rows - 1, 0).bit_length())
         key = (slots, steps_per_call or STEPS_PER_CALL)
         if key not in self._engines:
-            self._engines[key] = Engine(self.model, self.context_length, *key)
+            model = quantization.for_slots(self.model, slots)
+            self._engines[key] = Engine(model, self.context_length, *key)
         return self._engines[key]
 
     def _prompt_ids(self, prompt: str) -> np.ndarray:

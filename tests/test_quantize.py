@@ -78,6 +78,25 @@ def test_compiled_forward_runs_int8_dots(batch):
     assert int8_dot_count(random_model(), ids) == 0
 
 
+@pytest.mark.parametrize(("name", "overrides"), VARIANTS[::2])
+def test_small_engines_decode_with_the_dequantized_float_copy(name, overrides):
+    """Below MIN_ROWS slots the engine's model is float32 (no int8 dot) and holds the int8
+    weights times their scales: its logits are the int8 model's up to activation rounding."""
+    model = random_model(name, **overrides)
+    quantized = quantize.quantize_model(model)
+    ids = tokens(batch=1, time=1)
+    assert quantize.for_slots(quantized, quantize.MIN_ROWS) is quantized
+    assert quantize.for_slots(model, 1) is model
+    small = quantize.for_slots(quantized, quantize.MIN_ROWS - 1)
+    assert not quantize.is_quantized(small) and int8_dot_count(small, ids) == 0
+    if name == "transformer":  # the lookup table is the float32 original
+        np.testing.assert_array_equal(small.embed.embedding[...], model.embed.embedding[...])
+    ids = tokens()
+    want, got = np.asarray(quantized(ids)), np.asarray(small(ids))
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+    assert quantize.is_quantized(quantized)  # the quantized model is untouched
+
+
 def test_rows_are_quantized_independently_of_their_batch():
     """Fewer rows than MIN_ROWS are padded; each row's result is the same in any batch."""
     linear = nnx.Linear(16, 24, rngs=nnx.Rngs(0))

@@ -84,7 +84,9 @@ class Service:
         model, tokenizer, config = quantization.load_model(workdir, checkpoint, quantize)
         with checkpoints.open_manager(workdir) as manager:
             step = checkpoints.resolve_step(manager, checkpoint)
-        engine_ = engine.Engine(model, config.data.sequence_length, num_slots)
+        engine_ = engine.Engine(
+            quantization.for_slots(model, num_slots), config.data.sequence_length, num_slots
+        )
         info = ModelInfo(Path(workdir).absolute().name, step, quantize)
         return cls(engine_, tokenizer, info, options)
 
