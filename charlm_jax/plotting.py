@@ -12,9 +12,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from charlm_jax.metrics import read_history  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: str | Path) -> None:
+def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 100) -> None:
+    """Writes `fig` to `path` and closes it."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)  # pyplot keeps every open figure alive otherwise
 
 
@@ -46,7 +47,7 @@ def plot_loss_curve(history: list[dict], path: str | Path, title: str = "") -> N
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_runs(workdirs: list[str | Path], path: str | Path, include_train: bool = True) -> None:
@@ -64,7 +65,7 @@ def plot_runs(workdirs: list[str | Path], path: str | Path, include_train: bool 
     ax.set_ylabel("loss (nats per character)")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_tradeoff(
@@ -81,4 +82,4 @@ def plot_tradeoff(
     ax.set_ylabel("best val loss (nats per character)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
-    _save(fig, path)
+    save_figure(fig, path)

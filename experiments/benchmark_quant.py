@@ -92,7 +92,7 @@ def speed_worker(variant: str) -> None:
     context = config.data.sequence_length
     result = {}
     for batch in FLAGS.batch:
-        eng = engine.Engine(model, context, num_slots=batch)
+        eng = engine.Engine(quantize.for_slots(model, batch), context, num_slots=batch)
 
         _tokens_per_s(eng, batch, engine.STEPS_PER_CALL)  # compiles
         result[batch] = _tokens_per_s(eng, batch, FLAGS.tokens)
@@ -116,12 +116,9 @@ def speed() -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
+    from charlm_jax import plotting  # noqa: PLC0415 (matplotlib only where a plot is drawn)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plotting.plt.subplots(figsize=(6, 4))
     batch = str(max(FLAGS.batch))
     for run, rows in results["quality"].items():
         for variant, row in rows.items():
@@ -131,8 +128,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xlabel(f"engine tokens/s at batch {batch} ({FLAGS.speed_preset} shape)")
     ax.set_ylabel("validation bits per character")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plotting.save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str]) -> None:

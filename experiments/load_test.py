@@ -34,7 +34,7 @@ import httpx
 import numpy as np
 from absl import app, flags
 
-from charlm_jax import checkpoints
+from charlm_jax import quantize
 from charlm_jax.engine import Engine, Request
 from charlm_jax.text_files import embedded_tiny_shakespeare
 
@@ -42,6 +42,7 @@ flags.DEFINE_string("url", None, "A running server (http://HOST:PORT); or --work
 flags.DEFINE_string("workdir", None, "Start a server of its own on this trained workdir.")
 flags.DEFINE_integer("num_slots", 32, "With --workdir: the server's --num_slots.")
 flags.DEFINE_integer("max_queue", 256, "With --workdir: the server's --max_queue.")
+flags.DEFINE_string("quantize", "none", 'With --workdir: the server\'s --quantize ("int8").')
 flags.DEFINE_list("concurrency", ["1", "8", "32"], "Concurrent clients, one level each.")
 flags.DEFINE_integer("requests", 64, "Requests per level (at most).")
 flags.DEFINE_float("max_seconds", 120, "Seconds per level (at most).")
@@ -183,7 +184,8 @@ def server_rss_mb(url: str) -> float | None:
 def engine_tokens_per_second(workdir: str, bodies: list[dict], repeats: int = 3) -> float:
     """The engine alone: all `bodies` inserted at once (batch = their number), the median
     tokens/s over `repeats` runs after one warm-up run."""
-    model, tokenizer, config = checkpoints.load_model(workdir)
+    model, tokenizer, config = quantize.load_model(workdir, "best", FLAGS.quantize)
+    model = quantize.for_slots(model, len(bodies))
     engine = Engine(model, config.data.sequence_length, num_slots=len(bodies))
     requests = [
         Request(tokenizer.encode(b["prompt"]), b["max_tokens"], seed=i)
@@ -209,6 +211,7 @@ class Server:
             "--port=0",
             f"--num_slots={FLAGS.num_slots}",
             f"--max_queue={FLAGS.max_queue}",
+            f"--quantize={FLAGS.quantize}",
             f"--max_tokens_limit={max(FLAGS.max_tokens, 16)}",
         ]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
@@ -237,13 +240,10 @@ class Server:
 
 
 def plot(levels: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from charlm_jax import plotting  # noqa: PLC0415 (matplotlib only where a plot is drawn)
 
     x = [s["concurrency"] for s in levels]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = plotting.plt.subplots(1, 2, figsize=(10, 4))
     left.plot(x, [s["tokens_per_s"] for s in levels], "o-")
     left.set(
         xscale="log", xlabel="concurrent clients", ylabel="generated tokens/s", title="throughput"
@@ -259,8 +259,7 @@ def plot(levels: list[dict], path: Path) -> None:
         title="time to first token and latency",
     )
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    plotting.save_figure(fig, path)
 
 
 def main(argv: list[str]) -> None:
@@ -278,6 +277,7 @@ def main(argv: list[str]) -> None:
                 "min_tokens",
                 "max_tokens",
                 "num_slots",
+                "quantize",
                 "workdir",
                 "url",
             )
