@@ -30,6 +30,7 @@ flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same text.
 flags.DEFINE_string("stop", None, "Cut each sample before the first occurrence of this text.")
 flags.DEFINE_bool("interactive", False, "Prompt loop; type `help` for its commands.")
 flags.DEFINE_string("quantize", "none", 'Dense layers: "none" (float32) or "int8" dots.')
+cli.define_compilation_cache_flag()
 FLAGS = flags.FLAGS
 
 HELP = """Type a prompt and press Enter to continue it. Commands:
@@ -92,6 +93,7 @@ def interactive(sampler: Sampler, settings: dict) -> None:
 
 def main(argv: list[str]) -> None:
     cli.start(argv)
+    cli.use_compilation_cache(FLAGS.compilation_cache)
     with cli.exit_on_error():  # UserError is a ValueError; so are bad sampling options
         if FLAGS.num_samples < 1:
             raise UserError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")

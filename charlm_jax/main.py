@@ -31,10 +31,12 @@ flags.DEFINE_integer("num_processes", None, "Processes in the run (default: $JAX
 flags.DEFINE_integer("process_id", None, "This process's index (default: $JAX_PROCESS_ID).")
 flags.DEFINE_integer("coordinator_timeout", 300, "Seconds to wait for all processes to join.")
 flags.mark_flags_as_required(["config", "workdir"])
+cli.define_compilation_cache_flag()
 
 
 def main(argv: list[str]) -> None:
     cli.start(argv)
+    cli.use_compilation_cache(FLAGS.compilation_cache)
     with cli.exit_on_error(UserError):
         train.validate(FLAGS.config)  # before JAX starts or waits for other processes
         parallel.one_cpu_device_per_core(FLAGS.config.train.batch_size)

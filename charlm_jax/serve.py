@@ -37,6 +37,7 @@ flags.DEFINE_string("quantize", "none", 'Dense layers: "none" (float32) or "int8
 flags.DEFINE_float("grace_period", 30.0, "Seconds running requests get to finish on SIGTERM.")
 flags.DEFINE_integer("cache_entries", 1024, "Output cache: most completions kept.")
 flags.DEFINE_integer("cache_mb", 64, "Output cache: most megabytes kept.")
+cli.define_compilation_cache_flag()
 FLAGS = flags.FLAGS
 
 
@@ -78,6 +79,7 @@ class DrainingServer(uvicorn.Server):
 
 def main(argv: list[str]) -> None:
     cli.start(argv)
+    cli.use_compilation_cache(FLAGS.compilation_cache)
     options = ServeOptions(
         max_queue=FLAGS.max_queue,
         request_timeout=FLAGS.request_timeout,

@@ -14,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib
 import itertools
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +42,7 @@ from charlm_jax.metrics import MetricsLog, TrainMetrics, bits_per_character
 from charlm_jax.tokenizers import Tokenizer, load_tokenizer
 
 LOSS_CURVE_FILE = "loss_curve.png"
+PLOTTING = "charlm_jax.plotting"  # imported only by runs that draw the loss curve
 
 
 def create_optimizer(
@@ -324,6 +327,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path, closing: contextlib
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.train.batch_size, mesh)
     is_main = parallel.is_main_process()
+    if is_main:  # for the loss curve at the end: matplotlib takes seconds, XLA's compiles hide it
+        threading.Thread(target=importlib.import_module, args=(PLOTTING,), daemon=True).start()
     manager = closing.enter_context(
         checkpoints.open_manager(workdir, keep_latest=max(config.train.keep_checkpoints, 1))
     )  # leaving it waits for background saves to finish
@@ -431,9 +436,8 @@ def _evaluate_and_checkpoint(run: _Run, step: int, model_state, opt_state) -> No
 
 def _plot_loss_curve(run: _Run) -> None:
     """DIR/loss_curve.png, drawn once at the end (`python -m charlm_jax.plot DIR` draws it
-    during a run): matplotlib is imported only here, as it takes a second."""
-    from charlm_jax import plotting
-
+    during a run). The module was imported in the background by `_setup`."""
+    plotting = importlib.import_module(PLOTTING)  # waits for that import to finish
     plotting.plot_loss_curve(run.log.history, run.workdir / LOSS_CURVE_FILE, str(run.workdir))
 
 
