@@ -11,6 +11,8 @@ NAME is one of:
   one cell, then the means;
 - `demo`: results/demo/summary.json (experiments/demo.py), its evaluations;
 - `presets`: the presets of configs/transformer.py and configs/mlp.py;
+- `quant_quality`, `quant_speed`: results/quant/benchmark_quant.json
+  (experiments/benchmark_quant.py), per trained run and variant, and engine tokens/s;
 - a file results/measurements/NAME.json: a measurement made before its script wrote a result
   file, transcribed with the commands that measure it and the machine it ran on.
 """
@@ -183,11 +185,46 @@ def speedrun_table() -> str:
     return sweeps.markdown_table(rows, list(rows[0]))
 
 
+def _quant_results() -> dict:
+    return json.loads((RESULTS / "quant" / "benchmark_quant.json").read_text())
+
+
+def quant_quality_table() -> str:
+    """Validation bpc, agreement with float32 and size of each variant of each trained run."""
+    rows = []
+    for run, variants in _quant_results()["quality"].items():
+        base = variants["float32"]["bpc"]
+        for variant, r in variants.items():
+            delta = "" if variant == "float32" else f" ({r['bpc'] - base:+.4f})"
+            rows.append({
+                "run": Path(run).name, "variant": variant, "val bpc": f"{r['bpc']:.4f}{delta}",
+                "agreement": f"{100 * r['agreement']:.2f}%" if "agreement" in r else "-",
+                "size on disk": f"{r['size_bytes'] / 1e6:.2f} MB",
+                "stored values": f"{r['stored_values']:,}",
+            })  # fmt: skip
+    return sweeps.markdown_table(rows, list(rows[0]))
+
+
+def quant_speed_table() -> str:
+    """Engine tokens/s of each variant by batch, and its ratio to float32."""
+    speed = _quant_results()["speed"]
+    rows = []
+    for variant, by_batch in speed.items():
+        row = {"variant": variant}
+        for batch, rate in by_batch.items():
+            ratio = rate / speed["float32"][batch]
+            row[f"batch {batch}"] = f"{rate:,.0f} ({ratio:.2f}x)"
+        rows.append(row)
+    return sweeps.markdown_table(rows, list(rows[0]))
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "parity": parity_table,
     "demo": demo_table,
     "presets": presets_table,
     "speedrun": speedrun_table,
+    "quant_quality": quant_quality_table,
+    "quant_speed": quant_speed_table,
 }
 
 

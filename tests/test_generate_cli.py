@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from absl import flags
 from conftest import ROOT, tiny_config
 from test_cli import assert_one_line_error
 
@@ -66,6 +67,24 @@ def test_interactive_session(workdir):
     assert len(answer) == 12
 
 
+def generate_in_process(capfd, *args: str) -> subprocess.CompletedProcess:
+    """The generate CLI's `main` in this process, its flags parsed from `args`: the exit
+    status and stderr `run_generate` would give, without a process start per case (the
+    process boundary itself is covered by the other tests)."""
+    from charlm_jax import generate
+
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["generate", *args])
+        generate.main(["generate"])
+        code, message = 0, ""
+    except SystemExit as e:  # sys.exit("error: ...") prints its text and exits with 1
+        code, message = 1, f"{e.code}\n"
+    finally:
+        flags.FLAGS.unparse_flags()
+    return subprocess.CompletedProcess(args, code, "", capfd.readouterr().err + message)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -77,8 +96,8 @@ def test_interactive_session(workdir):
         (["--prompts_file=/nonexistent/prompts.txt"], "error: cannot read prompts file"),
     ],
 )
-def test_bad_input(workdir, args, message):
-    assert_one_line_error(run_generate(f"--workdir={workdir}", *args), message)
+def test_bad_input(workdir, capfd, args, message):
+    assert_one_line_error(generate_in_process(capfd, f"--workdir={workdir}", *args), message)
 
 
 def test_missing_workdir(tmp_path):
