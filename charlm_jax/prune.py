@@ -219,8 +219,6 @@ def main(argv: list[str]) -> None:
     cli.start(argv)
     FLAGS = flags.FLAGS
     with cli.exit_on_error():
-        if not FLAGS.workdir or not FLAGS.out:
-            raise UserError("--workdir and --out are required")
         result = prune_workdir(
             FLAGS.workdir, FLAGS.out, FLAGS.mlp_keep, FLAGS.finetune_steps,
             FLAGS.finetune_learning_rate,
@@ -232,8 +230,10 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("workdir", None, "A trained run's directory.")
-    flags.DEFINE_string("out", None, "Directory for the pruned model (a new workdir).")
+    flags.DEFINE_string("workdir", None, "A trained run's directory.", required=True)
+    flags.DEFINE_string(
+        "out", None, required=True, help="Directory for the pruned model (a new workdir)."
+    )
     flags.DEFINE_float("mlp_keep", 0.5, "Fraction of each MLP's hidden neurons kept, in (0, 1].")
     flags.DEFINE_integer("finetune_steps", 0, "Training steps after pruning (0: none).")
     flags.DEFINE_float("finetune_learning_rate", None, "Peak learning rate (default: the run's).")

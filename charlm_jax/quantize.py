@@ -221,14 +221,14 @@ def main(argv: list[str]) -> None:
     cli.start(argv)
     FLAGS = flags.FLAGS
     with cli.exit_on_error():
-        if not FLAGS.workdir or not FLAGS.out:
-            raise UserError("--workdir and --out are required")
         path = export(FLAGS.workdir, FLAGS.out, cli.checkpoint_arg(FLAGS.checkpoint))
     print(f"int8 checkpoint written to {path}")
 
 
 if __name__ == "__main__":  # flags defined here: the module is imported by the sampler's CLIs
-    flags.DEFINE_string("workdir", None, "A trained run's directory.")
-    flags.DEFINE_string("out", None, "Directory for the quantized copy (a new workdir).")
+    flags.DEFINE_string("workdir", None, "A trained run's directory.", required=True)
+    flags.DEFINE_string(
+        "out", None, required=True, help="Directory for the quantized copy (a new workdir)."
+    )
     flags.DEFINE_string("checkpoint", "best", 'Checkpoint: "best", "latest" or a step number.')
     app.run(main, flags_parser=cli.flags_parser())
