@@ -78,6 +78,11 @@ flags.DEFINE_string(
     "peer_python", "", "A Python with torch: also time the PyTorch peer's run of each seed."
 )
 flags.DEFINE_integer("peer_steps", 2000, "The peer's training steps (nanoGPT's recipe).")
+flags.DEFINE_string(
+    "compilation_cache", "",
+    "JAX's persistent compilation cache folder, as the CLIs keep (~/.cache/charlm_jax/xla); "
+    "empty (the default): every seed compiles from scratch.",
+)  # fmt: skip
 FLAGS = flags.FLAGS
 PEER = Path(__file__).resolve().parent / "pytorch_peer.py"
 
@@ -232,6 +237,7 @@ def run_here(seed: str, target: float) -> dict:
     # A process-wide setting, so the CLI makes it (before JAX's backends start), not
     # train_to_target, which tests call in a process whose backends already run.
     parallel.one_cpu_device_per_core(config.train.batch_size)
+    cli.use_compilation_cache(FLAGS.compilation_cache)
     return train_to_target(
         config, REFERENCES[FLAGS.reference], target, FLAGS.check_every, max_steps,
         FLAGS.max_seconds, FLAGS.gate,
