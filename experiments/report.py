@@ -170,6 +170,7 @@ def speedrun_table() -> str:
                 "record": "nanoGPT's recipe (the PyTorch peer, its whole run)",
                 "seconds, per seed": _slashed((p["process_s"] for p in peer["runs"]), "{:.1f}"),
                 "mean": f"{peer['mean_process_s']:.1f}",
+                "of the peer's time (its runs in the same sitting)": "1",
                 "steps": 2000,
                 "whole val text": _slashed((p["whole_val_loss"] for p in peer["runs"]), "{:.4f}"),
                 "date": run["date"], "commit": "", "command": f"`{peer['command']}`",
@@ -178,6 +179,10 @@ def speedrun_table() -> str:
             "record": run["label"],
             "seconds, per seed": _slashed((r["wall_to_target_s"] for r in seeds), "{:.1f}"),
             "mean": f"{run['mean']['wall_to_target_s']:.1f}",
+            "of the peer's time (its runs in the same sitting)": (
+                f"{run['mean']['wall_to_target_s'] / run['peer']['mean_process_s']:.2f} "
+                f"({run['peer']['mean_process_s']:.1f} s)" if "peer" in run else "-"
+            ),
             "steps": _slashed(r["steps"] for r in seeds),
             "whole val text": _slashed((r["whole_val_loss"] for r in seeds), "{:.4f}"),
             "date": run["date"], "commit": run["commit"], "command": _command(run),
