@@ -1,0 +1,93 @@
+"""Where a decode step's time goes: the engine's step with every slot's window short (one
+64-column cache block read per layer) and long (four blocks), next to the step's dense
+matmuls alone, jitted at the same batch. Random weights.
+
+    python experiments/profile_decode.py [--preset=nanogpt] [--slots=64]
+
+The difference between the two engine rows is the attention over three more cache blocks;
+what the short row spends beyond the matmuls is the rest of the step (one block of
+attention, norms, sampling, the cache writes).
+"""
+
+import runpy
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from charlm_jax import cli, models
+from charlm_jax.engine import Engine, Request
+
+flags.DEFINE_string("preset", "nanogpt", "A configs/transformer.py preset.")
+flags.DEFINE_integer("slots", 64, "Engine slots (the decode batch).")
+flags.DEFINE_integer("repeats", 30, "Timed calls of the matmuls (minimum and median shown).")
+FLAGS = flags.FLAGS
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "transformer.py"
+
+
+def dense_ms(config, rows: int) -> tuple[float, float]:
+    """(min, median) ms of one step's dense matmuls: each block's qkv, out, up and down
+    projections of `rows` rows, and the output head."""
+    m = config.model
+    d, h = m.embedding_dim, m.hidden_dim
+    shapes = [(d, 3 * d), (d, d), (d, h), (h, d)] * m.num_layers + [(d, 65)]
+    weights = [0.02 * jax.random.normal(jax.random.key(i), s) for i, s in enumerate(shapes)]
+
+    @jax.jit
+    def matmuls(x, w):
+        for i in range(m.num_layers):
+            qkv, out, up, down = w[4 * i : 4 * i + 4]
+            x = x + (x @ qkv)[:, :d] + x @ out + jax.nn.relu(x @ up) @ down
+        return x @ w[-1]
+
+    x = jax.random.normal(jax.random.key(0), (rows, d))
+    matmuls(x, weights).block_until_ready()
+    times = []
+    for _ in range(FLAGS.repeats):
+        start = time.perf_counter()
+        matmuls(x, weights).block_until_ready()
+        times.append(1e3 * (time.perf_counter() - start))
+    return min(times), statistics.median(times)
+
+
+def engine_ms(model, context: int, slots: int, prompt_length: int) -> float:
+    """ms per token step of the engine's decode call, every slot holding `prompt_length`
+    tokens (the best of two calls of `steps_per_call` tokens)."""
+    engine = Engine(model, context, num_slots=slots)
+    engine.warm_up()
+    rng = np.random.default_rng(0)
+    for i in range(slots):
+        prompt = rng.integers(0, engine.vocab_size, prompt_length).astype(np.int32)
+        engine.insert(Request(prompt, 3 * engine.steps_per_call, seed=i))
+    engine.step()  # the prefills, and the first call
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        engine.step()
+        times.append(1e3 * (time.perf_counter() - start) / engine.steps_per_call)
+    return min(times)
+
+
+def main(argv: list[str]) -> None:
+    cli.start(argv)
+    config = runpy.run_path(str(CONFIGS))["get_config"](FLAGS.preset)
+    config.model.dropout_rate = 0.0
+    context = config.data.sequence_length
+    model = models.create_model(config, 65, nnx.Rngs(0))
+    low, median = dense_ms(config, FLAGS.slots)
+    print(f"dense matmuls alone, {FLAGS.slots} rows: {low:.1f} ms (median {median:.1f})")
+    # The long windows end in the last block and do not fill up within the timed calls.
+    long_prompt = max(1, context - 64)
+    for length in sorted({1, long_prompt}):
+        blocks = -(-(length + 48) // 64)
+        ms = engine_ms(model, context, FLAGS.slots, length)
+        print(f"engine, {FLAGS.slots} slots, prompts of {length} (up to {blocks} cache blocks "
+              f"read): {ms:.1f} ms per token step")  # fmt: skip
+
+
+if __name__ == "__main__":
+    app.run(main)
