@@ -42,7 +42,7 @@ flags.DEFINE_integer("repeats", 3, "Timed runs per side and measurement (medians
 flags.DEFINE_bool("torch", True, "Also time the PyTorch loop (needs torch installed).")
 flags.DEFINE_integer("arrivals", 0, "Requests of the arriving-work benchmark (0: skip it).")
 flags.DEFINE_string("arrival_preset", "nanogpt_baby", "Model of the arriving-work benchmark.")
-flags.DEFINE_float("arrival_rate", 10.0, "Mean arrivals per second (a Poisson stream).")
+flags.DEFINE_float("arrival_rate", 50.0, "Mean arrivals per second (a Poisson stream).")
 flags.DEFINE_integer("arrival_slots", 16, "Engine slots for the arriving work.")
 FLAGS = flags.FLAGS
 
