@@ -1,6 +1,7 @@
 """Where a decode step's time goes: the engine's step with every slot's window short (one
 64-column cache block read per layer) and long (four blocks), next to the step's dense
-matmuls alone, jitted at the same batch. Random weights.
+matmuls alone and to plain attention over three cache blocks per layer (one query per row:
+q·K, softmax, weights·V), each jitted at the same batch. Random weights.
 
     python experiments/profile_decode.py [--preset=nanogpt] [--slots=64]
 
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
@@ -54,6 +56,32 @@ def dense_ms(config, rows: int) -> tuple[float, float]:
     return min(times), statistics.median(times)
 
 
+def attention_ms(config, rows: int, blocks: int = 3) -> float:
+    """Min ms of plain attention of one query per row and head over `blocks` blocks of 64
+    keys and values in every layer: what the engine's further blocks read, by itself."""
+    m = config.model
+    heads, head_dim = m.num_heads, m.embedding_dim // m.num_heads
+    shape = (rows, heads, 64, head_dim)
+    kv = [jax.random.normal(jax.random.key(i), shape) for i in range(2 * m.num_layers * blocks)]
+    q = jax.random.normal(jax.random.key(0), (rows, heads, 1, head_dim))
+
+    @jax.jit
+    def attend(q, kv):
+        out = 0.0
+        for k, v in zip(kv[::2], kv[1::2], strict=True):
+            weights = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k), axis=-1)
+            out = out + jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+        return out
+
+    attend(q, kv).block_until_ready()
+    times = []
+    for _ in range(FLAGS.repeats):
+        start = time.perf_counter()
+        attend(q, kv).block_until_ready()
+        times.append(1e3 * (time.perf_counter() - start))
+    return min(times)
+
+
 def engine_ms(model, context: int, slots: int, prompt_length: int) -> float:
     """ms per token step of the engine's decode call, every slot holding `prompt_length`
     tokens (the best of two calls of `steps_per_call` tokens)."""
@@ -80,6 +108,8 @@ def main(argv: list[str]) -> None:
     model = models.create_model(config, 65, nnx.Rngs(0))
     low, median = dense_ms(config, FLAGS.slots)
     print(f"dense matmuls alone, {FLAGS.slots} rows: {low:.1f} ms (median {median:.1f})")
+    ms = attention_ms(config, FLAGS.slots)
+    print(f"plain attention over 3 cache blocks per layer, {FLAGS.slots} rows: {ms:.1f} ms")
     # The long windows end in the last block and do not fill up within the timed calls.
     long_prompt = max(1, context - 64)
     for length in sorted({1, long_prompt}):
