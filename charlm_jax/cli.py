@@ -50,10 +50,11 @@ def exit_on_error(error_type: type[Exception] = ValueError) -> Iterator[None]:
         sys.exit(f"error: {e}")
 
 
-def define_compilation_cache_flag() -> None:
-    """`--compilation_cache`, for the entry points that compile (train, generate, serve)."""
+def define_compilation_cache_flag(default: str = COMPILATION_CACHE) -> None:
+    """`--compilation_cache`, for the entry points that compile (train, generate, serve; the
+    speedrun, whose default is off so that its records compile from scratch)."""
     flags.DEFINE_string(
-        "compilation_cache", COMPILATION_CACHE,
+        "compilation_cache", default,
         "Folder of JAX's persistent compilation cache: a rerun loads the programs it compiled "
         "before (seconds each on a CPU). Empty: off. $JAX_COMPILATION_CACHE_DIR wins.",
     )  # fmt: skip

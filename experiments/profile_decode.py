@@ -22,13 +22,26 @@ from absl import app, flags
 from flax import nnx
 
 from charlm_jax import cli, models
-from charlm_jax.engine import Engine, Request
+from charlm_jax.engine import STEPS_PER_CALL, Engine, Request
+from charlm_jax.models import KV_BLOCK
 
 flags.DEFINE_string("preset", "nanogpt", "A configs/transformer.py preset.")
 flags.DEFINE_integer("slots", 64, "Engine slots (the decode batch).")
 flags.DEFINE_integer("repeats", 30, "Timed calls of the matmuls (minimum and median shown).")
 FLAGS = flags.FLAGS
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "transformer.py"
+
+
+def _timed_ms(fn, *args) -> list[float]:
+    """Milliseconds of each of --repeats calls of the jitted `fn(*args)`, after one (its
+    compilation)."""
+    fn(*args).block_until_ready()
+    times = []
+    for _ in range(FLAGS.repeats):
+        start = time.perf_counter()
+        fn(*args).block_until_ready()
+        times.append(1e3 * (time.perf_counter() - start))
+    return times
 
 
 def dense_ms(config, rows: int) -> tuple[float, float]:
@@ -46,22 +59,16 @@ def dense_ms(config, rows: int) -> tuple[float, float]:
             x = x + (x @ qkv)[:, :d] + x @ out + jax.nn.relu(x @ up) @ down
         return x @ w[-1]
 
-    x = jax.random.normal(jax.random.key(0), (rows, d))
-    matmuls(x, weights).block_until_ready()
-    times = []
-    for _ in range(FLAGS.repeats):
-        start = time.perf_counter()
-        matmuls(x, weights).block_until_ready()
-        times.append(1e3 * (time.perf_counter() - start))
+    times = _timed_ms(matmuls, jax.random.normal(jax.random.key(0), (rows, d)), weights)
     return min(times), statistics.median(times)
 
 
 def attention_ms(config, rows: int, blocks: int = 3) -> float:
-    """Min ms of plain attention of one query per row and head over `blocks` blocks of 64
+    """Min ms of plain attention of one query per row and head over `blocks` cache blocks of
     keys and values in every layer: what the engine's further blocks read, by itself."""
     m = config.model
     heads, head_dim = m.num_heads, m.embedding_dim // m.num_heads
-    shape = (rows, heads, 64, head_dim)
+    shape = (rows, heads, KV_BLOCK, head_dim)
     kv = [jax.random.normal(jax.random.key(i), shape) for i in range(2 * m.num_layers * blocks)]
     q = jax.random.normal(jax.random.key(0), (rows, heads, 1, head_dim))
 
@@ -73,13 +80,7 @@ def attention_ms(config, rows: int, blocks: int = 3) -> float:
             out = out + jnp.einsum("bhqk,bhkd->bhqd", weights, v)
         return out
 
-    attend(q, kv).block_until_ready()
-    times = []
-    for _ in range(FLAGS.repeats):
-        start = time.perf_counter()
-        attend(q, kv).block_until_ready()
-        times.append(1e3 * (time.perf_counter() - start))
-    return min(times)
+    return min(_timed_ms(attend, q, kv))
 
 
 def engine_ms(model, context: int, slots: int, prompt_length: int) -> float:
@@ -110,10 +111,10 @@ def main(argv: list[str]) -> None:
     print(f"dense matmuls alone, {FLAGS.slots} rows: {low:.1f} ms (median {median:.1f})")
     ms = attention_ms(config, FLAGS.slots)
     print(f"plain attention over 3 cache blocks per layer, {FLAGS.slots} rows: {ms:.1f} ms")
-    # The long windows end in the last block and do not fill up within the timed calls.
-    long_prompt = max(1, context - 64)
+    # The long windows end in the last block and do not fill up within the 3 calls.
+    long_prompt = max(1, context - KV_BLOCK)
     for length in sorted({1, long_prompt}):
-        blocks = -(-(length + 48) // 64)
+        blocks = -(-(length + 3 * STEPS_PER_CALL) // KV_BLOCK)
         ms = engine_ms(model, context, FLAGS.slots, length)
         print(f"engine, {FLAGS.slots} slots, prompts of {length} (up to {blocks} cache blocks "
               f"read): {ms:.1f} ms per token step")  # fmt: skip

@@ -78,11 +78,7 @@ flags.DEFINE_string(
     "peer_python", "", "A Python with torch: also time the PyTorch peer's run of each seed."
 )
 flags.DEFINE_integer("peer_steps", 2000, "The peer's training steps (nanoGPT's recipe).")
-flags.DEFINE_string(
-    "compilation_cache", "",
-    "JAX's persistent compilation cache folder, as the CLIs keep (~/.cache/charlm_jax/xla); "
-    "empty (the default): every seed compiles from scratch.",
-)  # fmt: skip
+cli.define_compilation_cache_flag(default="")  # records compile from scratch
 FLAGS = flags.FLAGS
 PEER = Path(__file__).resolve().parent / "pytorch_peer.py"
 
