@@ -50,13 +50,18 @@ def exit_on_error(error_type: type[Exception] = ValueError) -> Iterator[None]:
         sys.exit(f"error: {e}")
 
 
-def define_compilation_cache_flag(default: str = COMPILATION_CACHE) -> None:
+def define_compilation_cache_flag(
+    default: str = COMPILATION_CACHE, allow_override: bool = False
+) -> None:
     """`--compilation_cache`, for the entry points that compile (train, generate, serve; the
-    speedrun, whose default is off so that its records compile from scratch)."""
+    speedrun, whose default is off so that its records compile from scratch).
+    `allow_override`: a later definition of the flag in the same process replaces this one
+    instead of failing (for a script that tests load beside a CLI module)."""
     flags.DEFINE_string(
         "compilation_cache", default,
         "Folder of JAX's persistent compilation cache: a rerun loads the programs it compiled "
         "before (seconds each on a CPU). Empty: off. $JAX_COMPILATION_CACHE_DIR wins.",
+        allow_override=allow_override,
     )  # fmt: skip
 
 

@@ -78,7 +78,9 @@ flags.DEFINE_string(
     "peer_python", "", "A Python with torch: also time the PyTorch peer's run of each seed."
 )
 flags.DEFINE_integer("peer_steps", 2000, "The peer's training steps (nanoGPT's recipe).")
-cli.define_compilation_cache_flag(default="")  # records compile from scratch
+# Off by default: records compile from scratch. The tests load this script into processes
+# that also import the generate CLI, which defines the same flag.
+cli.define_compilation_cache_flag(default="", allow_override=True)
 FLAGS = flags.FLAGS
 PEER = Path(__file__).resolve().parent / "pytorch_peer.py"
 
