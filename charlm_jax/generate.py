@@ -13,8 +13,8 @@ from pathlib import Path
 from absl import app, flags
 
 from charlm_jax import cli
+from charlm_jax.decoding.sampling import STREAM_CHUNK, Sampler, check_sampling_args
 from charlm_jax.errors import UserError
-from charlm_jax.sampling import STREAM_CHUNK, Sampler, check_sampling_args
 
 flags.DEFINE_string("workdir", None, "A trained run's directory.", required=True)
 flags.DEFINE_string("checkpoint", "best", 'Checkpoint: "best", "latest" or a step number.')

@@ -12,8 +12,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from charlm_jax import cli, parallel, train
+from charlm_jax import cli
 from charlm_jax.errors import UserError
+from charlm_jax.training import parallel, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for the config, tokenizer, checkpoints, summary.")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from absl import app, flags
 
-from charlm_jax import cli, plotting
-from charlm_jax.metrics import METRICS_FILE, read_history
+from charlm_jax import cli
+from charlm_jax.training import curves
+from charlm_jax.training.metrics import METRICS_FILE, read_history
 
 flags.DEFINE_string("out", None, "Output PNG (default: DIR/loss_curve.png, or runs.png).")
 FLAGS = flags.FLAGS
@@ -25,10 +26,10 @@ def main(argv: list[str]) -> None:
             sys.exit(f"error: no {METRICS_FILE} in {workdir}: not a training workdir")
     if len(workdirs) == 1:
         out = FLAGS.out or workdirs[0] / "loss_curve.png"
-        plotting.plot_loss_curve(read_history(workdirs[0]), out, title=str(workdirs[0]))
+        curves.plot_loss_curve(read_history(workdirs[0]), out, title=str(workdirs[0]))
     else:
         out = FLAGS.out or "runs.png"
-        plotting.plot_runs(workdirs, out)
+        curves.plot_runs(workdirs, out)
     print(out)
 
 

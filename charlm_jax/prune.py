@@ -28,8 +28,12 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from charlm_jax import checkpoints, cli, config_defaults, data, models, train
+from charlm_jax import cli, config_defaults
+from charlm_jax.data import pipeline
 from charlm_jax.errors import UserError
+from charlm_jax.model import models
+from charlm_jax.training import train
+from charlm_jax.workdir import checkpoints
 
 STATS_BATCHES = 8  # training batches the activation statistics are measured on
 
@@ -188,7 +192,7 @@ def prune_workdir(
     if (out / checkpoints.CHECKPOINT_DIR).exists():
         raise UserError(f"{out} already holds checkpoints: choose a new --out")
     model, tokenizer, config = checkpoints.load_model(workdir, checkpoint)
-    dataset = data.load_dataset(config.data, tokenizer)
+    dataset = pipeline.load_dataset(config.data, tokenizer)
     train_tokens, val_tokens = dataset.train, dataset.val
     length = config.data.sequence_length
     stats = windows(train_tokens, length, STATS_BATCHES * config.train.batch_size)[:, :-1]

@@ -26,9 +26,11 @@ import orbax.checkpoint as ocp
 from absl import app, flags
 from flax import nnx
 
-from charlm_jax import checkpoints, cli, models
+from charlm_jax import cli
+from charlm_jax.data.tokenizers import Tokenizer
 from charlm_jax.errors import UserError
-from charlm_jax.tokenizers import Tokenizer
+from charlm_jax.model import models
+from charlm_jax.workdir import checkpoints
 
 MODES = ("none", "int8")
 # XLA:CPU runs int8 dots in YNNPACK, except for a dimension of 1 (one decoding row), which

@@ -4,10 +4,11 @@
     python experiments/benchmark.py --config=configs/transformer.py:nanogpt --steps=5 \
         --config.train.batch_size=16 --out=bench.json
 
-Train step: the jitted step of `charlm_jax.train` (batch drawn on the device, donated state),
-compile excluded, timed step by step after warm-up: median, min and max. Model FLOPs per token
-are nanoGPT's `estimate_mfu` count: 6 x non-embedding parameters + 12 x layers x width x
-context (attention), 6 x parameters for the MLP. MFU divides the achieved model FLOP/s by a
+Train step: the jitted step of `charlm_jax.training.train` (batch drawn on the device,
+donated state), compile excluded, timed step by step after warm-up: median, min and max. Model
+FLOPs per token are nanoGPT's `estimate_mfu` count: 6 x non-embedding parameters + 12 x
+layers x width x context (attention), 6 x parameters for the MLP. MFU divides the achieved
+model FLOP/s by a
 peak: on CPU a matmul peak measured in this run (2048^3 `jnp.dot` in the compute dtype), on GPU the
 device's nominal dense peak for the compute dtype. Decode: tokens/s of `Sampler.generate`
 from a 1-character prompt, batch 1 and 16. Weights are random: speed does not depend on them.
@@ -24,8 +25,10 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from charlm_jax import cli, models, parallel, step_bench
-from charlm_jax.sampling import Sampler
+from charlm_jax import cli
+from charlm_jax.decoding.sampling import Sampler
+from charlm_jax.model import models
+from charlm_jax.training import parallel, step_bench
 
 config_flags.DEFINE_config_file("config", None, "Config file[:preset].", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Timed train steps.")

@@ -13,7 +13,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from charlm_jax import train
+from charlm_jax.training import train
 
 config_flags.DEFINE_config_file("config", "configs/transformer.py:small", "Config file[:preset].")
 flags.DEFINE_integer("steps", 300, "Training steps per run.")

@@ -28,8 +28,13 @@ from flax import nnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from charlm_jax import checkpoints, data, engine, models, prune, quantize  # noqa: E402
-from configs import transformer  # noqa: E402
+# ruff: noqa: E402 (the imports below need ROOT on the path)
+from charlm_jax import prune, quantize
+from charlm_jax.data import pipeline
+from charlm_jax.decoding import engine
+from charlm_jax.model import models
+from charlm_jax.workdir import checkpoints
+from configs import transformer
 
 flags.DEFINE_multi_string("workdir", [], "Trained runs to score (repeat the flag).")
 flags.DEFINE_multi_string("pruned", [], "Their pruned copies (python -m charlm_jax.prune).")
@@ -56,7 +61,7 @@ def _model_dir(workdir: Path) -> Path:
 def quality(workdir: Path, mode: str, reference: np.ndarray | None) -> dict:
     """bpc, agreement with `reference` predictions, size on disk of one variant."""
     model, tokenizer, config = quantize.load_model(workdir, "best", mode)
-    dataset = data.load_dataset(config.data, tokenizer)
+    dataset = pipeline.load_dataset(config.data, tokenizer)
     logp, predicted = prune.score_text(model, dataset.val, config.data.sequence_length)
     if mode == "none":
         size = _disk(_model_dir(workdir))
@@ -116,9 +121,9 @@ def speed() -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
-    from charlm_jax import plotting  # noqa: PLC0415 (matplotlib only where a plot is drawn)
+    from charlm_jax.training import curves  # noqa: PLC0415 (matplotlib only where a plot is drawn)
 
-    fig, ax = plotting.plt.subplots(figsize=(6, 4))
+    fig, ax = curves.plt.subplots(figsize=(6, 4))
     batch = str(max(FLAGS.batch))
     for run, rows in results["quality"].items():
         for variant, row in rows.items():
@@ -128,7 +133,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xlabel(f"engine tokens/s at batch {batch} ({FLAGS.speed_preset} shape)")
     ax.set_ylabel("validation bits per character")
     ax.legend(fontsize=6)
-    plotting.save_figure(fig, path, dpi=120)
+    curves.save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str]) -> None:

@@ -25,11 +25,11 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from charlm_jax import models
-from charlm_jax.engine import Engine, Request
-from charlm_jax.sampling import Sampler
-from charlm_jax.text_files import embedded_tiny_shakespeare
-from charlm_jax.tokenizers import CharTokenizer
+from charlm_jax.data.text_files import embedded_tiny_shakespeare
+from charlm_jax.data.tokenizers import CharTokenizer
+from charlm_jax.decoding.engine import Engine, Request
+from charlm_jax.decoding.sampling import Sampler
+from charlm_jax.model import models
 
 flags.DEFINE_list(
     "runs",

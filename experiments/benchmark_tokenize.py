@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from charlm_jax import config_defaults, data, text_files
-from charlm_jax.tokenizers import create_tokenizer
+from charlm_jax import config_defaults
+from charlm_jax.data import pipeline, text_files
+from charlm_jax.data.tokenizers import create_tokenizer
 
 flags.DEFINE_integer("size_mb", 200, "Size of the generated text file.")
 flags.DEFINE_string("path", "/tmp/charlm_benchmark/corpus.txt", "Where the file goes.")
@@ -50,7 +51,7 @@ def main(argv):
     config = config_defaults.base_config({}).data  # the defaults every config file has
     config.path, config.tokenizer, config.vocab_size = str(path), FLAGS.tokenizer, FLAGS.vocab_size
     config.memmap_above_mb = 0.0
-    corpus = data.open_corpus(config)
+    corpus = pipeline.open_corpus(config)
     base = peak_rss_mb()
     print(f"peak RSS after imports: {base:.0f} MB")
 

@@ -22,10 +22,13 @@ from pathlib import Path
 import ml_collections
 from absl import app, flags, logging
 
-from charlm_jax import cli, models, sweeps, text_files, train
+from charlm_jax import cli
+from charlm_jax.data import text_files
+from charlm_jax.data.tokenizers import CharTokenizer
+from charlm_jax.decoding.sampling import Sampler
 from charlm_jax.errors import UserError
-from charlm_jax.sampling import Sampler
-from charlm_jax.tokenizers import CharTokenizer
+from charlm_jax.model import models
+from charlm_jax.training import sweeps, train
 
 flags.DEFINE_string("transformer", "configs/transformer.py:small", "The Transformer's config.")
 flags.DEFINE_string("mlp", "configs/mlp.py:small", "The MLP's config (its hidden_dim is matched).")

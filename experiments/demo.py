@@ -14,9 +14,10 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from charlm_jax import cli, train
+from charlm_jax import cli
+from charlm_jax.decoding.sampling import Sampler
 from charlm_jax.errors import UserError
-from charlm_jax.sampling import Sampler
+from charlm_jax.training import train
 
 config_flags.DEFINE_config_file("config", "configs/transformer.py:demo", "Config file and preset.")
 flags.DEFINE_string("workdir", "runs/demo", "Directory of the run.")

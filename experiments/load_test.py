@@ -35,8 +35,8 @@ import numpy as np
 from absl import app, flags
 
 from charlm_jax import quantize
-from charlm_jax.engine import Engine, Request
-from charlm_jax.text_files import embedded_tiny_shakespeare
+from charlm_jax.data.text_files import embedded_tiny_shakespeare
+from charlm_jax.decoding.engine import Engine, Request
 
 flags.DEFINE_string("url", None, "A running server (http://HOST:PORT); or --workdir.")
 flags.DEFINE_string("workdir", None, "Start a server of its own on this trained workdir.")
@@ -240,10 +240,10 @@ class Server:
 
 
 def plot(levels: list[dict], path: Path) -> None:
-    from charlm_jax import plotting  # noqa: PLC0415 (matplotlib only where a plot is drawn)
+    from charlm_jax.training import curves  # noqa: PLC0415 (matplotlib only where a plot is drawn)
 
     x = [s["concurrency"] for s in levels]
-    fig, (left, right) = plotting.plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = curves.plt.subplots(1, 2, figsize=(10, 4))
     left.plot(x, [s["tokens_per_s"] for s in levels], "o-")
     left.set(
         xscale="log", xlabel="concurrent clients", ylabel="generated tokens/s", title="throughput"
@@ -259,7 +259,7 @@ def plot(levels: list[dict], path: Path) -> None:
         title="time to first token and latency",
     )
     right.legend()
-    plotting.save_figure(fig, path)
+    curves.save_figure(fig, path)
 
 
 def main(argv: list[str]) -> None:

@@ -21,9 +21,10 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from charlm_jax import cli, models
-from charlm_jax.engine import STEPS_PER_CALL, Engine, Request
-from charlm_jax.models import KV_BLOCK
+from charlm_jax import cli
+from charlm_jax.decoding.engine import STEPS_PER_CALL, Engine, Request
+from charlm_jax.model import models
+from charlm_jax.model.models import KV_BLOCK
 
 flags.DEFINE_string("preset", "nanogpt", "A configs/transformer.py preset.")
 flags.DEFINE_integer("slots", 64, "Engine slots (the decode batch).")

@@ -17,7 +17,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from charlm_jax import cli, step_bench
+from charlm_jax import cli
+from charlm_jax.training import step_bench
 
 config_flags.DEFINE_config_file("config", None, "Config file[:preset].", lock_config=True)
 flags.DEFINE_integer("steps", 10, "Profiled train steps.")

@@ -24,8 +24,11 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags, logging
 
-from charlm_jax import checkpoints, cli, data, sweeps, text_files
-from charlm_jax.sampling import Sampler
+from charlm_jax import cli
+from charlm_jax.data import pipeline, text_files
+from charlm_jax.decoding.sampling import Sampler
+from charlm_jax.training import sweeps
+from charlm_jax.workdir import checkpoints
 
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds, for both frameworks.")
 flags.DEFINE_string("config", "configs/transformer.py:nanogpt_baby", "The charlm-jax config.")
@@ -43,7 +46,7 @@ def whole_val_loss(workdir: Path) -> float:
     sampler = Sampler.from_workdir(workdir, checkpoint="best")
     config = checkpoints.read_run_config(workdir)
     tokens = sampler.tokenizer.encode(text_files.read_text(config.data))
-    _, val = data.split_tokens(tokens, config.data.val_fraction, config.data.sequence_length)
+    _, val = pipeline.split_tokens(tokens, config.data.val_fraction, config.data.sequence_length)
     return -float(np.mean(sampler.log_probs(sampler.tokenizer.decode(val))))
 
 

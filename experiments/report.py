@@ -28,7 +28,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from charlm_jax import sweeps
+from charlm_jax.training import sweeps
 
 flags.DEFINE_bool("check", False, "Only compare: exit 1 if a committed table is stale.")
 FLAGS = flags.FLAGS

@@ -10,7 +10,7 @@ import textwrap
 from absl import app, flags
 
 from charlm_jax import cli
-from charlm_jax.sampling import Sampler
+from charlm_jax.decoding.sampling import Sampler
 
 flags.DEFINE_string("workdir", None, "A trained run's directory.", required=True)
 flags.DEFINE_string("checkpoint", "best", 'Checkpoint: "best", "latest" or a step number.')

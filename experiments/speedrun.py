@@ -116,10 +116,11 @@ def train_to_target(config, reference: Reference, target: float, check_every: in
     import jax
     import numpy as np
 
-    from charlm_jax import batching, data, parallel, train
+    from charlm_jax.data import batching, pipeline
+    from charlm_jax.training import parallel, train
 
     seq_len = config.data.sequence_length
-    dataset = data.load_dataset(config.data)
+    dataset = pipeline.load_dataset(config.data)
     mesh = parallel.make_mesh()
     for size in (config.train.batch_size, reference.estimate_batch_size):
         parallel.check_batch_size(size, mesh)
@@ -225,7 +226,7 @@ def run_seeds(argv: list[str], seeds: list[str]) -> tuple[list[dict], list[dict]
 
 def run_here(seed: str, target: float) -> dict:
     """One seed's record, trained in this process."""
-    from charlm_jax import parallel, sweeps, train
+    from charlm_jax.training import parallel, sweeps, train
 
     config_arg = FLAGS.config or REFERENCES[FLAGS.reference].config
     config = sweeps.load_config(sweeps.expand_grid(config_arg, [], FLAGS.set)[0])

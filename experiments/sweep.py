@@ -16,8 +16,9 @@ import sys
 
 from absl import app, flags, logging
 
-from charlm_jax import cli, sweeps
+from charlm_jax import cli
 from charlm_jax.errors import UserError
+from charlm_jax.training import sweeps
 
 flags.DEFINE_string("config", None, "Config file and preset: configs/transformer.py:small.")
 flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,...: values to sweep (repeat for a grid).")

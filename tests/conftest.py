@@ -10,8 +10,8 @@ import jax
 import ml_collections
 import pytest
 
-from charlm_jax import parallel, train
-from charlm_jax.text_files import embedded_tiny_shakespeare
+from charlm_jax.data.text_files import embedded_tiny_shakespeare
+from charlm_jax.training import parallel, train
 from configs import mlp, transformer  # importable: pytest's `pythonpath` is the repository root
 
 ROOT = Path(__file__).resolve().parents[1]

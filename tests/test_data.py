@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from conftest import ROOT, tiny_config
 
-from charlm_jax import batching, config_defaults, data, text_files, token_cache
+from charlm_jax import config_defaults
+from charlm_jax.data import batching, pipeline, text_files, token_cache
+from charlm_jax.data.tokenizers import BpeTokenizer, CharTokenizer
 from charlm_jax.errors import UserError
-from charlm_jax.tokenizers import BpeTokenizer, CharTokenizer
 
 
 def test_default_is_embedded_tiny_shakespeare():
@@ -55,13 +56,13 @@ def test_not_utf8_in_a_large_file_names_the_byte_offset(tmp_path, monkeypatch):
 
 def test_split_by_position():
     tokens = np.arange(1000)
-    train, val = data.split_tokens(tokens, 0.1, sequence_length=16)
+    train, val = pipeline.split_tokens(tokens, 0.1, sequence_length=16)
     assert train.tolist() == list(range(900)) and val.tolist() == list(range(900, 1000))
 
 
 def test_split_too_short():
     with pytest.raises(UserError, match="data too short: 100 tokens"):
-        data.split_tokens(np.arange(100), 0.1, sequence_length=16)
+        pipeline.split_tokens(np.arange(100), 0.1, sequence_length=16)
 
 
 def test_sample_batch_targets_are_next_tokens():
@@ -120,7 +121,7 @@ def test_file_corpus_chunks_are_the_text_cut_after_newlines(tmp_path, monkeypatc
 
 def _large_corpus(tmp_path, text_file):
     config = tiny_config(**{"data.path": str(text_file), "data.memmap_above_mb": 0.0}).data
-    corpus = data.open_corpus(config)
+    corpus = pipeline.open_corpus(config)
     assert isinstance(corpus, text_files.FileCorpus)
     return corpus
 
@@ -188,22 +189,22 @@ def test_memory_mapped_batches_equal_in_memory_batches(tmp_path, text_file):
 
 def test_chars_per_token():
     char = CharTokenizer.from_text("abc")
-    assert data.chars_per_token(char, char.encode("abcabc")) == 1.0
+    assert pipeline.chars_per_token(char, char.encode("abcabc")) == 1.0
     text = "ab ab ab abc abc\n" * 50
     bpe = BpeTokenizer.train([text], vocab_size=8)
     ids = bpe.encode(text)
-    assert data.chars_per_token(bpe, ids) == pytest.approx(len(text) / len(ids))
+    assert pipeline.chars_per_token(bpe, ids) == pytest.approx(len(text) / len(ids))
 
 
 def test_load_dataset_returns_the_tokenizer_and_the_splits(text_file):
     config = tiny_config(**{"data.path": str(text_file)}).data
-    dataset = data.load_dataset(config)
+    dataset = pipeline.load_dataset(config)
     text = text_file.read_text()
     tokens = np.concatenate([dataset.train, dataset.val])
     np.testing.assert_array_equal(tokens, dataset.tokenizer.encode(text))
     assert len(dataset.train) == int(len(text) * 0.9)
     assert dataset.chars_per_token == 1.0 and dataset.on_device
-    again = data.load_dataset(config, dataset.tokenizer)  # a resumed run's tokenizer, as is
+    again = pipeline.load_dataset(config, dataset.tokenizer)  # a resumed run's tokenizer, as is
     assert again.tokenizer is dataset.tokenizer
     np.testing.assert_array_equal(again.val, dataset.val)
 
@@ -211,10 +212,10 @@ def test_load_dataset_returns_the_tokenizer_and_the_splits(text_file):
 @pytest.mark.parametrize("field", ["source", "decode_errors", "batches"])
 def test_check_config_names_a_bad_choice(field):
     config = tiny_config().data
-    data.check_config(config)
+    pipeline.check_config(config)
     config[field] = "nope"
     with pytest.raises(UserError, match=f"data.{field} must be one of .*, got 'nope'"):
-        data.check_config(config)
+        pipeline.check_config(config)
 
 
 def test_loading_a_config_file_imports_neither_jax_nor_the_data_stack():

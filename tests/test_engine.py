@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from test_sampling import CONTEXT, VARIANTS, greedy_reference, make_sampler
 
-from charlm_jax.engine import Engine, EngineFull, Request, stop_position
+from charlm_jax.decoding.engine import Engine, EngineFull, Request, stop_position
 
 STEPS = 8  # tokens per engine call in these tests
 

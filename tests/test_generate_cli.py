@@ -10,7 +10,7 @@ from absl import flags
 from conftest import ROOT, tiny_config
 from test_cli import assert_one_line_error
 
-from charlm_jax import train
+from charlm_jax.training import train
 
 
 @pytest.fixture(scope="module")

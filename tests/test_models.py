@@ -7,9 +7,9 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from charlm_jax import models
 from charlm_jax.errors import UserError
-from charlm_jax.models import MLP, Dropout, Transformer, create_model
+from charlm_jax.model import models
+from charlm_jax.model.models import MLP, Dropout, Transformer, create_model
 
 VOCAB = 11
 

@@ -17,9 +17,10 @@ import pytest
 from conftest import ROOT, TINY_MODEL, TINY_TRAIN, tiny_config
 from flax import nnx
 
-from charlm_jax import models, parallel, step_bench, train
-from charlm_jax.metrics import read_history
-from charlm_jax.text_files import embedded_tiny_shakespeare
+from charlm_jax.data.text_files import embedded_tiny_shakespeare
+from charlm_jax.model import models
+from charlm_jax.training import parallel, step_bench, train
+from charlm_jax.training.metrics import read_history
 
 STEPS = {"train.num_steps": 4, "train.log_every": 1, "train.eval_every": 4}
 TEXT = embedded_tiny_shakespeare().read_text(encoding="utf-8")[:20_000]

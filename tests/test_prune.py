@@ -8,8 +8,10 @@ from flax import nnx
 from test_cli import assert_one_line_error
 from test_quantize import run_module, train_tiny_run
 
-from charlm_jax import checkpoints, models, prune, quantize
-from charlm_jax.sampling import Sampler
+from charlm_jax import prune, quantize
+from charlm_jax.decoding.sampling import Sampler
+from charlm_jax.model import models
+from charlm_jax.workdir import checkpoints
 
 VOCAB = 20
 

@@ -13,8 +13,11 @@ from conftest import ROOT, tiny_config
 from flax import nnx
 from test_cli import assert_one_line_error
 
-from charlm_jax import checkpoints, models, quantize, train
-from charlm_jax.sampling import Sampler, prefill
+from charlm_jax import quantize
+from charlm_jax.decoding.sampling import Sampler, prefill
+from charlm_jax.model import models
+from charlm_jax.training import train
+from charlm_jax.workdir import checkpoints
 
 VOCAB = 20
 VARIANTS = [

@@ -15,9 +15,10 @@ from conftest import ROOT, tiny_config
 from flax import nnx
 from test_cli import CONFIG, TINY_FLAGS
 
-from charlm_jax import checkpoints, events, train
 from charlm_jax.errors import UserError
-from charlm_jax.metrics import read_history
+from charlm_jax.training import events, train
+from charlm_jax.training.metrics import read_history
+from charlm_jax.workdir import checkpoints
 
 
 def params_of(workdir, checkpoint="latest"):

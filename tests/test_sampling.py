@@ -5,10 +5,16 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from charlm_jax import models
-from charlm_jax.engine import SamplingParams, choose_tokens, filter_logits, gumbel_noise, seed_bits
-from charlm_jax.sampling import Sampler
-from charlm_jax.tokenizers import CharTokenizer, UnknownCharacterError
+from charlm_jax.data.tokenizers import CharTokenizer, UnknownCharacterError
+from charlm_jax.decoding.engine import (
+    SamplingParams,
+    choose_tokens,
+    filter_logits,
+    gumbel_noise,
+    seed_bits,
+)
+from charlm_jax.decoding.sampling import Sampler
+from charlm_jax.model import models
 
 TEXT = "abcdefghij klmnop\n"
 CONTEXT = 32

@@ -24,12 +24,13 @@ import uvicorn
 from conftest import ROOT, tiny_config
 from flax import nnx
 
-from charlm_jax import checkpoints, models
+from charlm_jax.data.tokenizers import CharTokenizer
 from charlm_jax.errors import UserError
+from charlm_jax.model import models
 from charlm_jax.server.app import create_app
 from charlm_jax.server.cache import OutputCache
 from charlm_jax.server.service import ServeOptions, Service
-from charlm_jax.tokenizers import CharTokenizer
+from charlm_jax.workdir import checkpoints
 
 TEXT = "ROMEO: to be or not to be\nJULIET: that is the question\n"
 NUM_SLOTS = 4

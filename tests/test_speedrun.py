@@ -14,8 +14,9 @@ import pytest
 from conftest import ROOT, TINY_MODEL, tiny_config
 from flax import nnx
 
-from charlm_jax import models, optimizers, train
 from charlm_jax.errors import UserError
+from charlm_jax.model import models
+from charlm_jax.training import optimizers, train
 
 TINY = [f"--set={k}={v}" for k, v in TINY_MODEL["transformer"].items()] + [
     "--set=data.sequence_length=32",

@@ -7,8 +7,8 @@ import sys
 import pytest
 from conftest import ROOT, TINY_MODEL, TINY_TRAIN
 
-from charlm_jax import sweeps
 from charlm_jax.errors import UserError
+from charlm_jax.training import sweeps
 
 CONFIG = str(ROOT / "configs" / "transformer.py")
 SHORT = {"train.num_steps": 4, "train.eval_every": 4, "train.log_every": 4}

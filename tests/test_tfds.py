@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import tiny_config
 
-from charlm_jax import data, text_files, tfds_text
+from charlm_jax.data import pipeline, text_files, tfds_text
 from charlm_jax.errors import UserError
 
 
@@ -26,7 +26,7 @@ def test_local_corpus_prepares_and_reads_back_exactly_the_text(tmp_path, monkeyp
     (folder / ".hidden").write_text("left out")
     expected = (folder / "a.txt").read_text() + (folder / "b.txt").read_text()
     config = tfds_config(tmp_path, **{"data.tfds_name": "my_corpus", "data.path": str(folder)})
-    corpus = data.open_corpus(config)
+    corpus = pipeline.open_corpus(config)
     assert isinstance(corpus, text_files.TextCorpus) and corpus.text == expected
     builder = tfds_text.local_builder(config)
     assert builder.info.full_name == "local_text/my_corpus/1.0.0"
@@ -76,4 +76,4 @@ def test_bad_tfds_input(tmp_path, overrides, message):
     if overrides.get("data.path") == "EMPTY":
         overrides["data.path"] = str(tmp_path / "empty")
     with pytest.raises(UserError, match=message):
-        data.open_corpus(tfds_config(tmp_path, **overrides))
+        pipeline.open_corpus(tfds_config(tmp_path, **overrides))

@@ -2,14 +2,14 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from charlm_jax import tokenizers
-from charlm_jax.errors import UserError
-from charlm_jax.tokenizers import (
+from charlm_jax.data import tokenizers
+from charlm_jax.data.tokenizers import (
     BpeTokenizer,
     CharTokenizer,
     UnknownCharacterError,
     load_tokenizer,
 )
+from charlm_jax.errors import UserError
 
 
 def test_round_trip():

@@ -7,9 +7,12 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from charlm_jax import batching, checkpoints, data, models, parallel, train
+from charlm_jax.data import batching, pipeline
+from charlm_jax.data.tokenizers import CharTokenizer
 from charlm_jax.errors import UserError
-from charlm_jax.tokenizers import CharTokenizer
+from charlm_jax.model import models
+from charlm_jax.training import parallel, train
+from charlm_jax.workdir import checkpoints
 
 
 @pytest.mark.parametrize("name", ["transformer", "mlp"])
@@ -66,7 +69,7 @@ def test_reloaded_checkpoint_reproduces_the_eval_loss(trained_run):
     model, tokenizer, loaded_config = checkpoints.load_model(trained_run.workdir, "latest")
     assert loaded_config.to_dict() == config.to_dict()
     text = Path(config.data.path).read_text()
-    _, val = data.split_tokens(tokenizer.encode(text), 0.1, 32)
+    _, val = pipeline.split_tokens(tokenizer.encode(text), 0.1, 32)
     eval_step = train.make_eval_step(nnx.graphdef(model), parallel.make_mesh())
     eval_key = jax.random.split(jax.random.key(config.train.seed))[1]
     val_batches = batching.eval_batches_numpy(val, eval_key, 8, 32, 2)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from charlm_jax.engine import check_sampling_args
+from charlm_jax.decoding.engine import check_sampling_args
 
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts per request

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from absl import logging
 
-from charlm_jax import engine
-from charlm_jax.server.metrics import Metrics
+from charlm_jax.decoding import engine
+from charlm_jax.server.prometheus import Metrics
 from charlm_jax.server.protocol import ApiError
 
 

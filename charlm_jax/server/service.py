@@ -14,14 +14,15 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from charlm_jax import checkpoints, engine
 from charlm_jax import quantize as quantization
+from charlm_jax.data.tokenizers import Tokenizer
+from charlm_jax.decoding import engine
 from charlm_jax.server import protocol
 from charlm_jax.server.cache import OutputCache
-from charlm_jax.server.metrics import Metrics
+from charlm_jax.server.prometheus import Metrics
 from charlm_jax.server.protocol import ApiError, CompletionRequest
 from charlm_jax.server.scheduler import Piece, QueueFull, Scheduler, Sequence
-from charlm_jax.tokenizers import Tokenizer
+from charlm_jax.workdir import checkpoints
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from charlm_jax.errors import UserError
-from charlm_jax.random_bits import hashed_uniform_bits
+from charlm_jax.model.random_bits import hashed_uniform_bits
 
 INIT_STD = 0.02  # GPT-2 / nanoGPT initialisation
 QUERY_BLOCK = 128  # full-sequence attention runs in blocks of this many queries

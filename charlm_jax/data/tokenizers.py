@@ -14,8 +14,8 @@ import ml_collections
 import numpy as np
 import tokenizers as hf
 
+from charlm_jax.data.preprocess import TextFilter
 from charlm_jax.errors import UserError
-from charlm_jax.preprocess import TextFilter
 
 UNK_TEXT = "\ufffd"  # what an unknown-character id decodes to
 BPE_UNK = "<unk>"

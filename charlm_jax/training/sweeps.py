@@ -31,8 +31,10 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 import charlm_jax
-from charlm_jax import checkpoints, cli, plotting, train
+from charlm_jax import cli
 from charlm_jax.errors import UserError
+from charlm_jax.training import curves, train
+from charlm_jax.workdir import checkpoints
 
 PRESET_KEY = "preset"  # a swept key that picks the config file's preset
 LOG_FILE = "train.log"  # each run's console output, in its workdir
@@ -311,7 +313,7 @@ def write_results(workdir: str | Path, rows: Sequence[dict]) -> None:
     done = [row for row in rows if row["status"] == "done"]
     if not done:
         return
-    plotting.plot_runs(
+    curves.plot_runs(
         [workdir / row["run"] for row in done], workdir / CURVES_PNG, include_train=False
     )
     for key, label, png in (
@@ -319,7 +321,7 @@ def write_results(workdir: str | Path, rows: Sequence[dict]) -> None:
         ("wall_time_s", "wall time (s)", LOSS_VS_TIME_PNG),
     ):
         points = [(row["run"], row[key], row["best_val_loss"]) for row in done]
-        plotting.plot_tradeoff(points, label, workdir / png)
+        curves.plot_tradeoff(points, label, workdir / png)
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import flax
 from clu import metrics as clu_metrics
 
-from charlm_jax.events import EventFile
+from charlm_jax.training.events import EventFile
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

@@ -10,8 +10,8 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from charlm_jax import checkpoints
 from charlm_jax.errors import UserError
+from charlm_jax.workdir import checkpoints
 
 # Fields that must match to resume from a workdir's checkpoints (the state's shapes).
 RESUME_FIELDS = ("model.", "data.sequence_length")

@@ -15,9 +15,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from charlm_jax import token_cache
+from charlm_jax.data import token_cache
+from charlm_jax.data.tokenizers import Tokenizer
 from charlm_jax.errors import UserError
-from charlm_jax.tokenizers import Tokenizer
 
 CHUNK_BYTES = 1 << 20  # large files are read and tokenized in chunks of this many bytes
 DECODE_ERRORS = ("strict", "replace")

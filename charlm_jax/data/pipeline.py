@@ -8,8 +8,7 @@ from typing import NamedTuple
 import ml_collections
 import numpy as np
 
-from charlm_jax.errors import UserError
-from charlm_jax.text_files import (
+from charlm_jax.data.text_files import (
     DECODE_ERRORS,
     FileCorpus,
     TextCorpus,
@@ -17,7 +16,8 @@ from charlm_jax.text_files import (
     data_file,
     read_text,
 )
-from charlm_jax.tokenizers import Tokenizer, create_tokenizer
+from charlm_jax.data.tokenizers import Tokenizer, create_tokenizer
+from charlm_jax.errors import UserError
 
 CHUNK_TOKENS = 1 << 22  # token arrays are scanned on the host in chunks of this many
 SOURCES = ("file", "tfds")
@@ -47,7 +47,7 @@ def open_corpus(config: ml_collections.ConfigDict) -> TextCorpus | FileCorpus:
     Shakespeare, a text file, or a file over `memmap_above_mb` read through a token cache."""
     check_choice(config, "source", SOURCES)
     if config.source == "tfds":
-        from charlm_jax import tfds_text  # imports tensorflow_datasets (seconds): only if used
+        from charlm_jax.data import tfds_text  # imports tensorflow_datasets (seconds): only if used
 
         return TextCorpus(tfds_text.read_tfds_text(config))
     if config.path:

@@ -35,14 +35,16 @@ from clu import parameter_overview
 from flax import nnx
 from jax.sharding import Mesh
 
-from charlm_jax import batching, checkpoints, data, models, optimizers, parallel
-from charlm_jax import workdir as workdir_lib
+from charlm_jax.data import batching, pipeline
+from charlm_jax.data.tokenizers import Tokenizer, load_tokenizer
 from charlm_jax.errors import UserError
-from charlm_jax.metrics import MetricsLog, TrainMetrics, bits_per_character
-from charlm_jax.tokenizers import Tokenizer, load_tokenizer
+from charlm_jax.model import models
+from charlm_jax.training import optimizers, parallel
+from charlm_jax.training.metrics import MetricsLog, TrainMetrics, bits_per_character
+from charlm_jax.workdir import checkpoints, layout
 
 LOSS_CURVE_FILE = "loss_curve.png"
-PLOTTING = "charlm_jax.plotting"  # imported only by runs that draw the loss curve
+PLOTTING = "charlm_jax.training.curves"  # imported only by runs that draw the loss curve
 
 
 def create_optimizer(
@@ -238,7 +240,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if value < 1:
             raise UserError(f"{name} must be positive, got {value}")
     models.check_config(config)
-    data.check_config(config.data)
+    pipeline.check_config(config.data)
 
 
 def _format_duration(seconds: float) -> str:
@@ -295,7 +297,7 @@ def _with_epochs_as_steps(config: ml_collections.ConfigDict, train_tokens: int):
     return config
 
 
-def _batch_source(config, dataset: data.Dataset, mesh, start_step: int, keys):
+def _batch_source(config, dataset: pipeline.Dataset, mesh, start_step: int, keys):
     """(each step's batch data, the two splits' evaluation batches, the train step's batch
     argument spec), drawn from `keys`, (data key, eval key): the training tokens on the
     devices, or training batches drawn on the host."""
@@ -334,8 +336,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path, closing: contextlib
     )  # leaving it waits for background saves to finish
     resuming = bool(manager.all_steps())
     if resuming:
-        workdir_lib.check_resumable(config, workdir)
-    dataset = data.load_dataset(
+        layout.check_resumable(config, workdir)
+    dataset = pipeline.load_dataset(
         config.data, load_tokenizer(workdir / checkpoints.TOKENIZER_FILE) if resuming else None
     )
     config = _with_epochs_as_steps(config, len(dataset.train))
@@ -469,7 +471,7 @@ def train_and_evaluate(
     wall_start = time.perf_counter()
     validate(config)
     with contextlib.ExitStack() as closing:
-        run, model_state, opt_state = _setup(config, workdir_lib.prepare(workdir), closing)
+        run, model_state, opt_state = _setup(config, layout.prepare(workdir), closing)
         tc, step, pending, stop_reason = run.config.train, run.start_step, [], None
         logging.info("Training %d steps of %d tokens from step %d",
                      tc.num_steps, run.tokens_per_step, step)  # fmt: skip
@@ -496,7 +498,7 @@ def train_and_evaluate(
             _plot_loss_curve(run)
     summary = _summary(run, step, stop_reason or "num_steps", time.perf_counter() - wall_start)
     if run.is_main:
-        workdir_lib.write_summary(run.workdir, summary)
+        layout.write_summary(run.workdir, summary)
     logging.info("Done (%s): %s", summary["stop_reason"],
                  {k: v for k, v in summary.items() if k != "history"})  # fmt: skip
     return summary

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from charlm_jax import random_bits
+from charlm_jax.model import random_bits
 
 TOP_LOGPROBS = 5  # alternatives reported per token
 # Tokens per jitted call: enough to amortise the dispatch and the host's bookkeeping (each

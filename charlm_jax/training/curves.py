@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from charlm_jax.metrics import read_history  # noqa: E402
+from charlm_jax.training.metrics import read_history  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 100) -> None:

@@ -21,8 +21,8 @@ import ml_collections
 import tensorflow_datasets as tfds
 from absl import logging
 
+from charlm_jax.data.text_files import FileCorpus, decode_text
 from charlm_jax.errors import UserError
-from charlm_jax.text_files import FileCorpus, decode_text
 
 SPLIT_ORDER = ("train", "validation", "test")
 

@@ -1,6 +1,6 @@
 """A config's train step compiled ahead of time on tiny Shakespeare, with the state it runs
 on: what the benchmark and the profiler time and the parallelism tests compare. (Training
-builds its own step in `train.py`, from its own data and workdir.)"""
+builds its own step in `training/train.py`, from its own data and workdir.)"""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import jax
 import ml_collections
 from flax import nnx
 
-from charlm_jax import parallel, train
-from charlm_jax.text_files import embedded_tiny_shakespeare
-from charlm_jax.tokenizers import CharTokenizer
+from charlm_jax.data.text_files import embedded_tiny_shakespeare
+from charlm_jax.data.tokenizers import CharTokenizer
+from charlm_jax.training import parallel, train
 
 
 @dataclasses.dataclass

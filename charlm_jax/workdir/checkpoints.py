@@ -1,0 +1,198 @@
+"""Workdir layout, orbax checkpoints, and loading a trained model back.
+
+DIR/config.json        the run's config (everything needed to rebuild the model)
+DIR/tokenizer.json     the tokenizer
+DIR/checkpoints/STEP/  orbax checkpoints: the latest and the best by validation loss
+DIR/summary.json       written at the end of training
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from orbax.checkpoint import checkpoint_managers
+
+from charlm_jax.data.tokenizers import Tokenizer, load_tokenizer
+from charlm_jax.errors import UserError
+from charlm_jax.model import models
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+CHECKPOINT_DIR = "checkpoints"
+SUMMARY_FILE = "summary.json"
+METRIC = "val_loss"
+
+
+def _val_loss(metrics: dict) -> float:
+    return metrics[METRIC]
+
+
+def open_manager(workdir: str | Path, keep_latest: int = 1) -> ocp.CheckpointManager:
+    """A manager under DIR/checkpoints that keeps the latest `keep_latest` checkpoints and the
+    best one by validation loss (checkpoints saved without a loss count only as latest)."""
+    options = ocp.CheckpointManagerOptions(
+        best_fn=_val_loss,
+        best_mode="min",
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(
+            [
+                checkpoint_managers.LatestN(n=keep_latest),
+                checkpoint_managers.BestN(
+                    get_metric_fn=_val_loss,
+                    reverse=True,
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        ),  # fmt: skip
+        enable_async_checkpointing=True,  # `save` hands orbax copies: see there
+    )
+    return ocp.CheckpointManager(
+        Path(workdir).absolute() / CHECKPOINT_DIR, options=options, item_names=("model", "opt")
+    )
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    model_state: nnx.State,
+    opt_state: nnx.State,
+    val_loss: float | None = None,
+) -> None:
+    """Starts saving a checkpoint in the background; without `val_loss` it can only be kept
+    as one of the latest. Orbax gets copies of the states: the train step donates (reuses)
+    their buffers while the save is still writing."""
+    model_state, opt_state = jax.tree.map(jnp.copy, (model_state, opt_state))
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardSave(model_state), opt=ocp.args.StandardSave(opt_state)
+            ),
+            metrics=None if val_loss is None else {METRIC: float(val_loss)},
+        )
+    except OSError as e:
+        raise UserError(
+            f"cannot write checkpoint {step} in {manager.directory}: {e.strerror or e}; "
+            f"earlier checkpoints are intact: {manager.all_steps()}"
+        ) from None
+
+
+def resolve_step(manager: ocp.CheckpointManager, checkpoint: str | int) -> int:
+    """Maps "best", "latest" or a step number to a saved step."""
+    if checkpoint == "best":
+        step = manager.best_step()
+    elif checkpoint == "latest":
+        step = manager.latest_step()
+    else:
+        step = int(checkpoint)
+        if step not in manager.all_steps():
+            raise UserError(f"no checkpoint at step {step}; saved steps: {manager.all_steps()}")
+    if step is None:
+        raise UserError(f"no checkpoint found in {manager.directory}")
+    return step
+
+
+def restore(
+    manager: ocp.CheckpointManager,
+    step: int,
+    model_state: nnx.State,
+    opt_state: nnx.State | None = None,
+) -> tuple[nnx.State, nnx.State | None]:
+    """Restores the checkpoint at `step` into states shaped like the given ones. A missing or
+    damaged one raises UserError naming the file that could not be read; its reads still in
+    flight may print tracebacks as they finish (the CLIs hold stderr: `cli.stderr_held`)."""
+
+    def target(state):
+        return ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+
+    items = {"model": target(model_state)}
+    if opt_state is not None:
+        items["opt"] = target(opt_state)
+    error = None
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax raises many types for missing or damaged files
+        error = f"cannot restore checkpoint {step} in {manager.directory}: {_root_cause(e)}"
+    if error is not None:  # raised outside `except`: its traceback would keep the reads alive
+        raise UserError(error)
+    return restored["model"], restored.get("opt") if opt_state is not None else None
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost exception behind `error`, without the storage spec
+    that TensorStore appends (orbax's own messages print that spec whole)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[0].split(" [tensorstore_spec", 1)[0]
+
+
+def restore_latest_good(
+    manager: ocp.CheckpointManager, model_state: nnx.State, opt_state: nnx.State
+) -> tuple[int, nnx.State, nnx.State]:
+    """Restores the newest checkpoint that reads back. Unreadable newer ones are moved to
+    DIR/checkpoints_unreadable/ (kept, never deleted) with a warning."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored_model, restored_opt = restore(manager, step, model_state, opt_state)
+        except UserError as e:
+            aside = Path(manager.directory).parent / "checkpoints_unreadable" / str(step)
+            aside.parent.mkdir(exist_ok=True)
+            (Path(manager.directory) / str(step)).rename(aside)
+            logging.warning("%s; moved it to %s and trying the previous one", e, aside)
+            manager.reload()
+            continue
+        return step, restored_model, restored_opt
+    raise UserError(f"no readable checkpoint in {manager.directory}")
+
+
+def save_run_files(workdir: Path, config: ml_collections.ConfigDict, tokenizer) -> None:
+    (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
+    tokenizer.save(workdir / TOKENIZER_FILE)
+
+
+def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The config saved in DIR/config.json."""
+    path = Path(workdir) / CONFIG_FILE
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the run's config {path}: {e}") from None
+
+
+def load_model(
+    workdir: str | Path,
+    checkpoint: str | int = "best",
+    transform: Callable[[nnx.Module], nnx.Module] | None = None,
+) -> tuple[nnx.Module, Tokenizer, ml_collections.ConfigDict]:
+    """Loads a trained model, its tokenizer and config from a workdir.
+
+    `checkpoint` is "best" (lowest validation loss), "latest" or a step number. A checkpoint
+    of a transformed model (e.g. `quantize.quantize_model`) loads with that `transform`.
+    """
+    workdir = Path(workdir)
+    if not (workdir / CHECKPOINT_DIR).is_dir():
+        raise UserError(f"no checkpoints in {workdir}")
+    config = read_run_config(workdir)
+    tokenizer = load_tokenizer(workdir / TOKENIZER_FILE)
+    model = models.abstract_model(config, tokenizer.vocab_size)
+    if transform is not None:
+        model = nnx.eval_shape(transform, model)
+    graphdef, abstract_state = nnx.split(model)
+    # Onto one device, however many devices the checkpoint was written from.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state
+    )
+    with open_manager(workdir) as manager:
+        step = resolve_step(manager, checkpoint)
+        state, _ = restore(manager, step, abstract_state)
+    return nnx.merge(graphdef, state), tokenizer, config
