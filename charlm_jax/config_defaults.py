@@ -47,6 +47,9 @@ def base_config(model: Mapping[str, Any]) -> ml_collections.ConfigDict:
     config.train.batch_size = 32  # sequences per (micro-)batch, over all devices together
     config.train.num_steps = 2000
     config.train.num_epochs = 0.0  # > 0: train this many passes over the training tokens instead
+    config.train.time_budget_s = (
+        0.0  # > 0: stop when spent (num_steps caps it), the schedule fitted
+    )
     config.train.learning_rate = 1e-3  # peak, after linear warmup; then cosine decay
     config.train.min_learning_rate = 1e-4  # reached at num_steps
     config.train.warmup_steps = 100

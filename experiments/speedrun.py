@@ -137,11 +137,14 @@ def train_to_target(config, reference: Reference, target: float, check_every: in
             reference.estimate_batches,
         ),
     )  # fmt: skip
-    step_fn = step_fn.lower(model_state, opt_state, train_tokens, data_key).compile()
+    num_steps = jax.numpy.int32(config.train.num_steps)  # the schedule's length
+    step_fn = step_fn.lower(model_state, opt_state, train_tokens, data_key, num_steps).compile()
     started = time.perf_counter() - START
     best, loss, step, losses = math.inf, math.inf, 0, []
     while step < max_steps:
-        model_state, opt_state, metrics = step_fn(model_state, opt_state, train_tokens, data_key)
+        model_state, opt_state, metrics = step_fn(
+            model_state, opt_state, train_tokens, data_key, num_steps
+        )
         step += 1
         losses.append(metrics.loss)
         if step % check_every and step < max_steps:

@@ -119,7 +119,7 @@ def test_muon_updates_only_the_blocks_matrices_orthogonally():
     tx, _ = train.create_optimizer(config.train)
     params = nnx.state(model, nnx.Param)
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
-    updates, _ = tx.update(grads, tx.init(params), params)
+    updates, _ = tx.update(grads, tx.init(params), params, lr_factor=jnp.float32(1.0))
     up = updates["blocks"][0]["mlp"]["up"]["kernel"][...]  # (32, 64): rows orthonormal-ish
     singular = np.linalg.svd(np.asarray(up), compute_uv=False)
     assert singular.max() / singular.min() < 2  # Newton-Schulz flattens the spectrum

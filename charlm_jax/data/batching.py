@@ -4,6 +4,7 @@ same windows for the same key and prefetched to the device by a thread."""
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 
@@ -43,26 +44,44 @@ def sample_batch(
 _jitted_batch_starts = jax.jit(batch_starts, static_argnums=(1, 2, 3))
 
 
+def _windows(tokens: np.ndarray, starts: np.ndarray, sequence_length: int) -> tuple:
+    """Inputs and targets of the windows at `starts` (any shape), gathered on the host."""
+    offsets = np.arange(sequence_length + 1)
+    windows = tokens[starts[..., None] + offsets].astype(np.int32)
+    return windows[..., :-1], windows[..., 1:]
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _step_batch_starts(key, step, num_tokens, batch_size, sequence_length) -> jax.Array:
+    """`batch_starts` of training step `step`: one call, the keys derived inside."""
+    return batch_starts(step_keys(key, step)[0], num_tokens, batch_size, sequence_length)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _eval_batch_starts(key, num_tokens, batch_size, sequence_length, num_batches) -> jax.Array:
+    """(num_batches, batch_size) window starts, batch i drawn from `fold_in(key, i)`."""
+    return jax.vmap(
+        lambda i: batch_starts(jax.random.fold_in(key, i), num_tokens, batch_size, sequence_length)
+    )(np.arange(num_batches))
+
+
 def sample_batch_numpy(
     tokens: np.ndarray, key: jax.Array, batch_size: int, sequence_length: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """`sample_batch` on the host: the same windows for the same key, gathered from a
     (memory-mapped) array with numpy, as int32."""
-    starts = np.asarray(_jitted_batch_starts(key, len(tokens), batch_size, sequence_length))
-    windows = np.stack([tokens[s : s + sequence_length + 1] for s in starts]).astype(np.int32)
-    return windows[:, :-1], windows[:, 1:]
+    starts = _jitted_batch_starts(key, len(tokens), batch_size, sequence_length)
+    return _windows(tokens, np.asarray(starts), sequence_length)
 
 
 def eval_batches_numpy(
     tokens: np.ndarray, key: jax.Array, batch_size: int, sequence_length: int, num_batches: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and targets (num_batches, batch_size, sequence_length) of the batches drawn from
-    `fold_in(key, i)` for i < `num_batches` (evaluation's fixed batches)."""
-    batches = [
-        sample_batch_numpy(tokens, jax.random.fold_in(key, i), batch_size, sequence_length)
-        for i in range(num_batches)
-    ]
-    return np.stack([b[0] for b in batches]), np.stack([b[1] for b in batches])
+    `fold_in(key, i)` for i < `num_batches` (evaluation's fixed batches): one device call
+    draws every window's start."""
+    starts = _eval_batch_starts(key, len(tokens), batch_size, sequence_length, num_batches)
+    return _windows(tokens, np.asarray(starts), sequence_length)
 
 
 class PrefetchedBatches:
@@ -89,9 +108,8 @@ class PrefetchedBatches:
     def _fill(self, tokens, key, batch_size, sequence_length, step, sharding):
         try:
             while not self._stop.is_set():
-                batch = sample_batch_numpy(
-                    tokens, step_keys(key, step)[0], batch_size, sequence_length
-                )
+                starts = _step_batch_starts(key, step, len(tokens), batch_size, sequence_length)
+                batch = _windows(tokens, np.asarray(starts), sequence_length)
                 self._put(jax.device_put(batch, sharding))
                 step += 1
         except Exception as e:  # raised in the consumer by __next__

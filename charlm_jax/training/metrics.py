@@ -18,6 +18,7 @@ TENSORBOARD_DIR = "tensorboard"
 class TrainMetrics(clu_metrics.Collection):
     loss: clu_metrics.Average.from_output("loss")
     grad_norm: clu_metrics.Average.from_output("grad_norm")
+    lr: clu_metrics.LastValue.from_output("lr")  # the AdamW learning rate of the last step
 
 
 def bits_per_character(loss: float, chars_per_token: float) -> float:

@@ -1,7 +1,12 @@
 """Learning-rate schedules, and Muon for the blocks' weight matrices (with AdamW for the
-rest): the optimizer options `train.create_optimizer` builds from the `train` section."""
+rest): the optimizer options `train.create_optimizer` builds from the `train` section.
+
+The optimizers run at their peak rates and `scale_by_schedule` multiplies their updates by
+the schedule's factor, which the train step computes from its step and the run's length."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,36 +20,46 @@ SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "muon")
 
 
-def schedule(config: ml_collections.ConfigDict, peak: float, end: float) -> optax.Schedule:
-    """`train.schedule`: linear warmup to `peak` over `train.warmup_steps`, then down to
-    `end` at `train.num_steps`, by a cosine ("cosine"), or held and then decayed linearly
-    over the last `train.decay_fraction` of the steps ("wsd", warmup-stable-decay)."""
-    steps = max(config.num_steps, config.warmup_steps + 1)
-    if config.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(
-            init_value=0.0,
-            peak_value=peak,
-            warmup_steps=config.warmup_steps,
-            decay_steps=steps,
-            end_value=end,
-        )
-    if config.schedule != "wsd":
+def schedule(config: ml_collections.ConfigDict, peak: float, end: float) -> Callable:
+    """`train.schedule` as lr(step, num_steps=train.num_steps): linear warmup to `peak` over
+    `train.warmup_steps`, then down to `end` at `num_steps`, by a cosine ("cosine"), or held
+    and then decayed linearly over the last `train.decay_fraction` of the steps ("wsd",
+    warmup-stable-decay). Pure jnp: both arguments may be traced, so the train step computes
+    it, and a time budget can fix the run's length without recompiling the step."""
+    if config.schedule not in SCHEDULES:
         raise UserError(f"unknown train.schedule {config.schedule!r}: expected one of {SCHEDULES}")
-    if not 0.0 < config.decay_fraction <= 1.0:
+    if config.schedule == "wsd" and not 0.0 < config.decay_fraction <= 1.0:
         raise UserError(f"train.decay_fraction must be in (0, 1], got {config.decay_fraction}")
-    decay = max(1, round(config.decay_fraction * steps))
-    stable = max(0, steps - config.warmup_steps - decay)
-    return optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, peak, config.warmup_steps),
-            optax.constant_schedule(peak),
-            optax.linear_schedule(peak, end, decay),
-        ],
-        boundaries=[config.warmup_steps, config.warmup_steps + stable],
-    )
+    warmup = config.warmup_steps
+
+    def lr(step: jax.Array | int, num_steps: jax.Array | int = config.num_steps) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        steps = jnp.maximum(jnp.asarray(num_steps, jnp.float32), warmup + 1)
+        if config.schedule == "cosine":
+            progress = jnp.clip((step - warmup) / (steps - warmup), 0.0, 1.0)
+            decayed = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        else:
+            decay = jnp.maximum(1.0, jnp.round(config.decay_fraction * steps))
+            decay_start = jnp.maximum(warmup, steps - decay)
+            progress = jnp.clip((step - decay_start) / decay, 0.0, 1.0)
+            decayed = peak + (end - peak) * progress
+        return jnp.where(step < warmup, peak * step / max(warmup, 1), decayed)
+
+    return lr
 
 
-def adamw(config: ml_collections.ConfigDict, learning_rate: optax.Schedule):
+def scale_by_schedule() -> optax.GradientTransformationExtraArgs:
+    """Multiplies the updates by the `lr_factor` passed to `update`: the schedule's value
+    divided by its peak (`schedule(config, 1.0, end / peak)`), computed by the train step."""
+
+    def update(updates, state, params=None, *, lr_factor: jax.Array, **extra_args):
+        del params, extra_args
+        return jax.tree.map(lambda u: u * lr_factor.astype(u.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def adamw(config: ml_collections.ConfigDict, learning_rate: float):
     """AdamW with `train`'s betas, its weight decay on matrices and embeddings only."""
     return optax.adamw(
         learning_rate,
@@ -90,21 +105,21 @@ def stacked_by_shape(inner: optax.GradientTransformation) -> optax.GradientTrans
 
 def muon_with_adamw(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Muon (momentum orthogonalised by Newton-Schulz; Jordan et al. 2024, modded-nanogpt)
-    on the blocks' weight matrices at peak `train.muon_learning_rate`, AdamW on the
-    embeddings, norms and head at peak `train.learning_rate`. Weight decay
-    (`train.weight_decay`, times the learning rate) on matrices and embeddings only."""
+    on the blocks' weight matrices at `train.muon_learning_rate`, AdamW on the embeddings,
+    norms and head at `train.learning_rate`: the peak rates (`scale_by_schedule` after it
+    gives both the schedule's shape). Weight decay (`train.weight_decay`, times the learning
+    rate) on matrices and embeddings only."""
 
     def labels(params):
         return jax.tree_util.tree_map_with_path(
             lambda path, x: "muon" if _is_block_matrix(path, x) else "adamw", params
         )
 
-    ratio = config.min_learning_rate / config.learning_rate  # Muon's schedule has the same shape
     return optax.partition(
         {
             "muon": stacked_by_shape(
                 muon(
-                    schedule(config, config.muon_learning_rate, config.muon_learning_rate * ratio),
+                    config.muon_learning_rate,
                     beta=config.muon_momentum,
                     weight_decay=config.weight_decay,
                     # Stacked matrices: axis 0 counts them; each is (inputs, outputs).
@@ -113,9 +128,7 @@ def muon_with_adamw(config: ml_collections.ConfigDict) -> optax.GradientTransfor
                     ),
                 )
             ),
-            "adamw": adamw(
-                config, schedule(config, config.learning_rate, config.min_learning_rate)
-            ),
+            "adamw": adamw(config, config.learning_rate),
         },
         labels,
     )

@@ -26,13 +26,14 @@ class CompiledStep:
     opt_state: nnx.State
     tokens: jax.Array  # the whole text, on every device: the step draws its batch from it
     key: jax.Array
+    num_steps: jax.Array  # the run length the learning-rate schedule spans
     tokenizer: CharTokenizer
     compile_s: float
 
     def advance(self):
         """One train step (the batch drawn from the same key each time); its metrics."""
         self.model_state, self.opt_state, metrics = self.compiled(
-            self.model_state, self.opt_state, self.tokens, self.key
+            self.model_state, self.opt_state, self.tokens, self.key, self.num_steps
         )
         return metrics
 
@@ -49,10 +50,10 @@ def compile_step(config: ml_collections.ConfigDict, text: str | None = None) -> 
         config, tokenizer.vocab_size, mesh
     )
     tokens = parallel.put_replicated(tokenizer.encode(text), mesh)
-    key = jax.random.key(0)
+    key, num_steps = jax.random.key(0), jax.numpy.int32(config.train.num_steps)
     start = time.perf_counter()
-    compiled = step.lower(model_state, opt_state, tokens, key).compile()
+    compiled = step.lower(model_state, opt_state, tokens, key, num_steps).compile()
     compile_s = time.perf_counter() - start
     return CompiledStep(
-        compiled, model_def, model_state, opt_state, tokens, key, tokenizer, compile_s
+        compiled, model_def, model_state, opt_state, tokens, key, num_steps, tokenizer, compile_s
     )

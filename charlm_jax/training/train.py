@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import importlib
 import itertools
 import math
@@ -45,15 +46,19 @@ from charlm_jax.workdir import checkpoints, layout
 
 LOSS_CURVE_FILE = "loss_curve.png"
 PLOTTING = "charlm_jax.training.curves"  # imported only by runs that draw the loss curve
+BUDGET_TIMING_STEPS = 10  # steps timed, after the first, to fit the schedule to a time budget
 
 
 def create_optimizer(
     config: ml_collections.ConfigDict,
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Global-norm clipping, then AdamW, or Muon with AdamW (`train.optimizer`), on a
-    linear-warmup schedule (`optimizers.schedule`); returns it with the AdamW learning rate.
+) -> tuple[optax.GradientTransformationExtraArgs, Callable]:
+    """Global-norm clipping, then AdamW, or Muon with AdamW (`train.optimizer`), scaled by the
+    learning-rate schedule (`optimizers.schedule`); returns it with the AdamW learning rate,
+    lr(step, num_steps=train.num_steps).
 
-    `config` is the `train` section. Weight decay applies to matrices and embeddings only.
+    `config` is the `train` section. Its `update` takes `lr_factor=lr(step, num_steps) /
+    train.learning_rate` (the train step passes it). Weight decay applies to matrices and
+    embeddings only.
     """
     schedule = optimizers.schedule(config, config.learning_rate, config.min_learning_rate)
     if config.optimizer not in optimizers.OPTIMIZERS:
@@ -63,8 +68,11 @@ def create_optimizer(
     if config.optimizer == "muon":
         update = optimizers.muon_with_adamw(config)
     else:
-        update = optimizers.adamw(config, schedule)
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), update), schedule
+        update = optimizers.adamw(config, config.learning_rate)
+    tx = optax.chain(
+        optax.clip_by_global_norm(config.grad_clip_norm), update, optimizers.scale_by_schedule()
+    )
+    return tx, schedule
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -108,15 +116,17 @@ def make_train_step(
     config: ml_collections.ConfigDict,
     on_device: bool = True,
 ) -> Callable:
-    """(model_state, opt_state, batch_data, key) -> (model_state, opt_state, metrics), jitted,
-    for `config`'s batch size, sequence length, `train.grad_accum_steps` and
-    `train.deterministic`.
+    """(model_state, opt_state, batch_data, key, num_steps) -> (model_state, opt_state,
+    metrics), jitted, for `config`'s batch size, sequence length, `train.grad_accum_steps`
+    and `train.deterministic`.
 
     `batch_data` is all the training tokens (`on_device`: the step draws its batch), or the
     step's (inputs, targets), drawn on the host from the same key (`batching.PrefetchedBatches`).
-    `shardings` are the (model_state, opt_state) shardings; each batch is split over the
-    mesh's data axis. With `grad_accum_steps` k > 1, a step takes k * batch_size windows
-    (the same ones a k-times larger batch would), averages their gradients over k
+    `num_steps` (an int32 scalar) is the run's length for the learning-rate schedule, which
+    the step computes: `train.num_steps`, or a time budget's estimate, set without
+    recompiling. `shardings` are the (model_state, opt_state) shardings; each batch is split
+    over the mesh's data axis. With `grad_accum_steps` k > 1, a step takes k * batch_size
+    windows (the same ones a k-times larger batch would), averages their gradients over k
     micro-batches, and makes one update. `deterministic`: bitwise-reproducible steps on GPUs
     (XLA:GPU otherwise adds some gradients up with atomics, in an order that varies from run
     to run), which exact resume needs; it makes GPU steps slower (docs/performance.md).
@@ -124,6 +134,9 @@ def make_train_step(
     """
     batch_size, sequence_length = config.train.batch_size, config.data.sequence_length
     grad_accum_steps = config.train.grad_accum_steps
+    schedule = optimizers.schedule(
+        config.train, config.train.learning_rate, config.train.min_learning_rate
+    )
 
     def loss_and_grads(model_state, inputs, targets, dropout_key):
         def loss_fn(model):
@@ -132,7 +145,7 @@ def make_train_step(
 
         return nnx.value_and_grad(loss_fn)(nnx.merge(model_def, model_state))
 
-    def train_step(model_state, opt_state, batch_data, key):
+    def train_step(model_state, opt_state, batch_data, key, num_steps):
         model, opt = nnx.merge(model_def, model_state), nnx.merge(opt_def, opt_state)
         batch_key, dropout_key = batching.step_keys(key, opt.step[...])
         if on_device:
@@ -167,8 +180,11 @@ def make_train_step(
                 accumulate, (model_state, zeros), (jnp.arange(grad_accum_steps), micro)
             )
             loss, grads = jax.tree.map(lambda t: t / grad_accum_steps, total)
-        opt.update(model, grads)
-        metrics = TrainMetrics.single_from_model_output(loss=loss, grad_norm=optax.tree.norm(grads))
+        lr = schedule(opt.step[...], num_steps)
+        opt.update(model, grads, lr_factor=lr / config.train.learning_rate)
+        metrics = TrainMetrics.single_from_model_output(
+            loss=loss, grad_norm=optax.tree.norm(grads), lr=lr
+        )
         return nnx.state(model), nnx.state(opt), metrics
 
     model_sh, opt_sh = shardings
@@ -176,7 +192,7 @@ def make_train_step(
     batch_sh = replicated if on_device else parallel.batch_sharding(mesh)
     return jax.jit(
         train_step,
-        in_shardings=(model_sh, opt_sh, batch_sh, replicated),
+        in_shardings=(model_sh, opt_sh, batch_sh, replicated, replicated),
         out_shardings=(model_sh, opt_sh, replicated),
         donate_argnums=(0, 1),
         compiler_options={"xla_gpu_deterministic_ops": config.train.deterministic},
@@ -185,7 +201,7 @@ def make_train_step(
 
 def build_training(
     config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh, on_device: bool = True
-) -> tuple[Callable, nnx.GraphDef, nnx.State, nnx.State, optax.Schedule]:
+) -> tuple[Callable, nnx.GraphDef, nnx.State, nnx.State, Callable]:
     """Everything `config` trains with: (the jitted train step, model_def, model_state,
     opt_state, the learning-rate schedule), the states laid out on `mesh`."""
     tx, schedule = create_optimizer(config.train)
@@ -197,9 +213,10 @@ def build_training(
 
 
 def make_eval_step(model_def: nnx.GraphDef, mesh: Mesh) -> Callable:
-    """(model_state, (inputs, targets)) -> mean loss over the batches, jitted: the arrays are
-    (num_batches, batch_size, sequence_length), each batch split over the mesh's data axis.
-    Both splits' batches have the same shape, so it compiles once."""
+    """(model_state, (inputs, targets)) -> the mean loss over the batches, jitted: the arrays
+    are (..., num_batches, batch_size, sequence_length), each batch split over the mesh's
+    data axis; a loss per leading index (e.g. both splits' batches stacked: one call
+    evaluates both)."""
 
     def eval_step(model_state, batches):
         model = nnx.merge(model_def, model_state)
@@ -208,7 +225,9 @@ def make_eval_step(model_def: nnx.GraphDef, mesh: Mesh) -> Callable:
             inputs, targets = jax.lax.with_sharding_constraint(batch, parallel.batch_sharding(mesh))
             return cross_entropy(model(inputs), targets)
 
-        return jnp.mean(jax.lax.map(batch_loss, batches))
+        shape = batches[0].shape[:-2]  # (..., num_batches)
+        flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[-2:]), batches)
+        return jnp.mean(jax.lax.map(batch_loss, flat).reshape(shape), axis=-1)
 
     return jax.jit(eval_step)
 
@@ -262,7 +281,6 @@ class _Run:
     resumed: bool
     train_step: Callable  # compiled: (model_state, opt_state, batch, key) -> (..., metrics)
     evaluate: Callable[[nnx.State], tuple[float, float]]  # -> (train loss, val loss)
-    schedule: optax.Schedule
     batches: Iterator  # each step's batch data
     data_key: jax.Array
     manager: ocp.CheckpointManager
@@ -298,19 +316,18 @@ def _with_epochs_as_steps(config: ml_collections.ConfigDict, train_tokens: int):
 
 
 def _batch_source(config, dataset: pipeline.Dataset, mesh, start_step: int, keys):
-    """(each step's batch data, the two splits' evaluation batches, the train step's batch
-    argument spec), drawn from `keys`, (data key, eval key): the training tokens on the
-    devices, or training batches drawn on the host."""
+    """(each step's batch data, the evaluation batches, the train step's batch argument
+    spec), drawn from `keys`, (data key, eval key): the training tokens on the devices, or
+    training batches drawn on the host. The evaluation batches are both splits' stacked
+    (train, val), on the devices: the same batches at every evaluation, so successive
+    losses compare."""
     tc, seq_len = config.train, config.data.sequence_length
     data_key, eval_key = keys
-    # The same batches at every evaluation, so successive losses compare.
-    eval_batches = [
-        jax.tree.map(
-            lambda x: parallel.put_replicated(x, mesh),
-            batching.eval_batches_numpy(split, eval_key, tc.batch_size, seq_len, tc.eval_batches),
-        )
+    splits = [
+        batching.eval_batches_numpy(split, eval_key, tc.batch_size, seq_len, tc.eval_batches)
         for split in (dataset.train, dataset.val)
     ]
+    eval_batches = jax.tree.map(lambda *x: parallel.put_replicated(np.stack(x), mesh), *splits)
     if dataset.on_device:
         train_tokens = parallel.put_replicated(np.asarray(dataset.train, np.int32), mesh)
         batches = (train_tokens for _ in itertools.count())  # closable, like PrefetchedBatches
@@ -341,7 +358,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path, closing: contextlib
         config.data, load_tokenizer(workdir / checkpoints.TOKENIZER_FILE) if resuming else None
     )
     config = _with_epochs_as_steps(config, len(dataset.train))
-    train_step, model_def, model_state, opt_state, schedule = build_training(
+    train_step, model_def, model_state, opt_state, _ = build_training(
         config, dataset.tokenizer.vocab_size, mesh, dataset.on_device
     )
     num_params = models.count_params(model_state)
@@ -364,12 +381,15 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path, closing: contextlib
         config, dataset, mesh, start_step, (data_key, eval_key)
     )
     closing.callback(batches.close)
-    train_step = train_step.lower(model_state, opt_state, batch_spec, data_key).compile()
-    eval_step = make_eval_step(model_def, mesh)
+    num_steps_spec = jax.ShapeDtypeStruct((), jnp.int32)
+    train_step = train_step.lower(
+        model_state, opt_state, batch_spec, data_key, num_steps_spec
+    ).compile()
+    eval_step = make_eval_step(model_def, mesh).lower(model_state, eval_batches).compile()
 
     def evaluate(state: nnx.State) -> tuple[float, float]:
-        losses = [eval_step(state, split) for split in eval_batches]
-        return tuple(float(x) for x in jax.device_get(losses))
+        train_loss, val_loss = jax.device_get(eval_step(state, eval_batches))
+        return float(train_loss), float(val_loss)
 
     # A progress bar on a terminal; log lines otherwise (files, CI).
     progress = tqdm.tqdm(
@@ -379,23 +399,22 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path, closing: contextlib
     closing.callback(progress.close)
     run = _Run(
         config, workdir, dataset.tokenizer, dataset.chars_per_token, num_params,
-        start_step, resuming, train_step, evaluate, schedule, batches, data_key, manager, log,
+        start_step, resuming, train_step, evaluate, batches, data_key, manager, log,
         progress, is_main,
     )  # fmt: skip
     return run, model_state, opt_state
 
 
-def _log_interval(run: _Run, step: int, pending: list, tick: float) -> None:
+def _log_interval(run: _Run, step: int, pending: list, tick: float, end: int) -> None:
     """Averages the metrics of the steps since the last log (fetching them is the loop's only
-    host sync between logs), times those steps (since `tick`), and logs them."""
-    tc = run.config.train
+    host sync between logs; they are merged on the host), times those steps (since `tick`),
+    and logs them; `end` is the run's last step."""
     fetched = jax.device_get(pending)
     run.train_seconds += time.perf_counter() - tick
     run.timed_steps += len(pending)
-    averaged = TrainMetrics.empty()
-    for m in fetched:
-        averaged = averaged.merge(m)
-    values = {k: float(v) for k, v in averaged.compute().items()}
+    values = {
+        k: float(v) for k, v in functools.reduce(TrainMetrics.merge, fetched).compute().items()
+    }
     if not math.isfinite(values["loss"]):
         raise UserError(
             f"training diverged: loss is {values['loss']} by step {step}; the last "
@@ -403,16 +422,13 @@ def _log_interval(run: _Run, step: int, pending: list, tick: float) -> None:
             "train.learning_rate or raise train.warmup_steps"
         )
     step_time = run.train_seconds / run.timed_steps
-    values.update(
-        lr=float(run.schedule(step - 1)), tokens_per_sec=run.tokens_per_step / step_time,
-        tokens=step * run.tokens_per_step,
-    )  # fmt: skip
+    values.update(tokens_per_sec=run.tokens_per_step / step_time, tokens=step * run.tokens_per_step)
     run.log.write(step, "train", **values)
     if run.progress.disable and run.is_main:
         logging.info(
             "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s  ETA %s",
-            step, tc.num_steps, values["loss"], values["grad_norm"], values["lr"],
-            values["tokens_per_sec"], _format_duration((tc.num_steps - step) * step_time),
+            step, end, values["loss"], values["grad_norm"], values["lr"],
+            values["tokens_per_sec"], _format_duration((end - step) * step_time),
         )  # fmt: skip
     else:
         run.progress.update(step - run.progress.n)
@@ -422,7 +438,8 @@ def _log_interval(run: _Run, step: int, pending: list, tick: float) -> None:
 
 
 def _evaluate_and_checkpoint(run: _Run, step: int, model_state, opt_state) -> None:
-    """Evaluates both splits, saves a checkpoint (kept if it is the best), and logs."""
+    """Evaluates both splits, hands a checkpoint (kept if it is the best) to the background
+    writer, and logs."""
     train_loss, val_loss = run.last_eval = run.evaluate(model_state)
     checkpoints.save(run.manager, step, model_state, opt_state, val_loss)
     run.log.write(
@@ -434,6 +451,49 @@ def _evaluate_and_checkpoint(run: _Run, step: int, model_state, opt_state) -> No
         "eval step %d: train loss %.4f  val loss %.4f  (best %.4f)",
         step, train_loss, val_loss, min(run.val_history()),
     )  # fmt: skip
+
+
+def budget_end_step(step: int, seconds_left: float, step_s: float, eval_s: float,
+                    eval_every: int) -> int:  # fmt: skip
+    """The last step a time budget reaches from `step`: `seconds_left` holds steps of
+    `step_s`, an evaluation and checkpoint of `eval_s` every `eval_every` steps, and the
+    final evaluation and checkpoint (reserved as two evaluations: the last write is waited
+    for)."""
+    per_step = step_s + eval_s / eval_every
+    return step + max(0, math.floor((seconds_left - 2 * eval_s) / per_step))
+
+
+@dataclasses.dataclass
+class _Budget:
+    """`train.time_budget_s`: times the session's first steps once, estimates from them the
+    step the budget reaches (which the learning-rate schedule then ends at), and says when
+    the time left only holds the final evaluation and checkpoint."""
+
+    deadline: float  # time.perf_counter() at which the budget is spent
+    first_step: int  # the session's
+    eval_every: int
+    eval_s: float = 0.0  # an evaluation and checkpoint: estimated, then the last one measured
+    timing_start: float = 0.0
+
+    def observe(self, step: int, metrics, eval_steps: float) -> int | None:
+        """Called after each step: waits for the steps timed (the first one, a warm-up, is
+        not) and, after the last of them, returns the step the budget reaches; else None.
+        `eval_steps`: an evaluation's cost in train steps, until one is measured."""
+        if step not in (self.first_step + 1, self.first_step + 1 + BUDGET_TIMING_STEPS):
+            return None
+        jax.block_until_ready(metrics)
+        now = time.perf_counter()
+        if step == self.first_step + 1:
+            self.timing_start = now
+            return None
+        step_s = (now - self.timing_start) / BUDGET_TIMING_STEPS
+        self.eval_s = eval_steps * step_s
+        logging.info("time budget: %.1f ms per step measured", 1000 * step_s)
+        return budget_end_step(step, self.deadline - now, step_s, self.eval_s, self.eval_every)
+
+    def spent(self) -> bool:
+        """Whether the time left holds no more than the final evaluation and checkpoint."""
+        return time.perf_counter() + 2 * self.eval_s >= self.deadline
 
 
 def _plot_loss_curve(run: _Run) -> None:
@@ -466,37 +526,19 @@ def train_and_evaluate(
     A workdir that already holds checkpoints of the same model is resumed from its latest
     readable one, exactly: batches and dropout derive from (seed, step). `stop()` is asked
     after every step; once it gives a reason, the run evaluates, checkpoints and stops with
-    that reason (the CLI's signals: `cli.StopSignals`).
+    that reason (the CLI's signals: `cli.StopSignals`). With `train.time_budget_s`, the
+    session ends when that many seconds (from this call) are spent, its learning-rate
+    schedule fitted to the steps they hold.
     """
     wall_start = time.perf_counter()
     validate(config)
     with contextlib.ExitStack() as closing:
         run, model_state, opt_state = _setup(config, layout.prepare(workdir), closing)
-        tc, step, pending, stop_reason = run.config.train, run.start_step, [], None
-        logging.info("Training %d steps of %d tokens from step %d",
-                     tc.num_steps, run.tokens_per_step, step)  # fmt: skip
-        tick = time.perf_counter()
-        while step < tc.num_steps and stop_reason is None:
-            model_state, opt_state, metrics = run.train_step(
-                model_state, opt_state, next(run.batches), run.data_key
-            )
-            step, interrupted = step + 1, stop()
-            pending.append(metrics)
-            is_eval = step % tc.eval_every == 0 or step == tc.num_steps or interrupted
-            is_checkpoint = tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0
-            if not (is_eval or is_checkpoint or step % tc.log_every == 0):
-                continue
-            _log_interval(run, step, pending, tick)
-            pending = []
-            if is_eval:
-                _evaluate_and_checkpoint(run, step, model_state, opt_state)
-                stop_reason = interrupted or _early_stop(tc, run.val_history())
-            elif is_checkpoint:
-                checkpoints.save(run.manager, step, model_state, opt_state)
-            tick = time.perf_counter()
+        step, stop_reason, schedule_steps = _train(run, model_state, opt_state, stop, wall_start)
         if run.is_main:  # while the last checkpoint is written
             _plot_loss_curve(run)
-    summary = _summary(run, step, stop_reason or "num_steps", time.perf_counter() - wall_start)
+    wall_time_s = time.perf_counter() - wall_start
+    summary = _summary(run, step, stop_reason, schedule_steps, wall_time_s)
     if run.is_main:
         layout.write_summary(run.workdir, summary)
     logging.info("Done (%s): %s", summary["stop_reason"],
@@ -504,7 +546,62 @@ def train_and_evaluate(
     return summary
 
 
-def _summary(run: _Run, steps: int, stop_reason: str, wall_time_s: float) -> dict:
+def _train(run: _Run, model_state, opt_state, stop, started: float) -> tuple[int, str, int]:
+    """Steps until `train.num_steps` (or the time budget's end), `stop()` or early stopping,
+    logging, evaluating and checkpointing on the way: (the last step, the stop reason, the
+    steps the learning-rate schedule spans)."""
+    tc, step, pending, stop_reason = run.config.train, run.start_step, [], None
+    end = tc.num_steps
+    budget = _Budget(started + tc.time_budget_s, step, tc.eval_every) if tc.time_budget_s else None
+    budget_reason = f"time budget: {tc.time_budget_s:g} s"
+    # An evaluation's forward passes, each about a third of a train step's (forward, backward).
+    eval_steps = 2 * tc.eval_batches / (3 * tc.grad_accum_steps)
+    schedule_steps = _step_scalar(run, end)
+    logging.info("Training %d steps of %d tokens from step %d",
+                 tc.num_steps, run.tokens_per_step, step)  # fmt: skip
+    tick = time.perf_counter()
+    while step < end and stop_reason is None:
+        model_state, opt_state, metrics = run.train_step(
+            model_state, opt_state, next(run.batches), run.data_key, schedule_steps
+        )
+        step, interrupted = step + 1, stop()
+        pending.append(metrics)
+        if budget and (budget_end := budget.observe(step, metrics, eval_steps)) is not None:
+            end = run.progress.total = min(end, budget_end)
+            schedule_steps = _step_scalar(run, end)
+        is_eval = step % tc.eval_every == 0 or step == end or interrupted
+        is_checkpoint = tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0
+        if not (is_eval or is_checkpoint or step % tc.log_every == 0):
+            continue
+        _log_interval(run, step, pending, tick, end)
+        pending = []
+        out_of_time = budget is not None and budget.spent()
+        if is_eval or out_of_time:
+            evaluated = time.perf_counter()
+            _evaluate_and_checkpoint(run, step, model_state, opt_state)
+            if budget:
+                budget.eval_s = time.perf_counter() - evaluated
+            stop_reason = (
+                interrupted or (budget_reason if out_of_time else None)
+                or _early_stop(tc, run.val_history())
+            )  # fmt: skip
+        elif is_checkpoint:
+            checkpoints.save(run.manager, step, model_state, opt_state)
+        tick = time.perf_counter()
+    if stop_reason is None:
+        stop_reason = "num_steps" if end == tc.num_steps else budget_reason
+    return step, stop_reason, end
+
+
+def _step_scalar(run: _Run, value: int) -> jax.Array:
+    """`value` as the train step's `num_steps` argument, on its devices (one transfer, not
+    one per step)."""
+    return jax.device_put(np.int32(value), run.train_step.input_shardings[0][4])
+
+
+def _summary(
+    run: _Run, steps: int, stop_reason: str, schedule_steps: int, wall_time_s: float
+) -> dict:
     """The run's summary.json: what was trained, how it went, and how fast."""
     best_val = min((v for v in run.val_history() if math.isfinite(v)), default=None)
     timed = run.timed_steps
@@ -514,6 +611,7 @@ def _summary(run: _Run, steps: int, stop_reason: str, wall_time_s: float) -> dic
         "num_params": run.num_params,
         "steps": steps,
         "stop_reason": stop_reason,
+        "schedule_steps": schedule_steps,  # the learning-rate schedule's length
         "resumed_from_step": run.start_step if run.resumed else None,
         "tokens_per_step": run.tokens_per_step,
         "final_train_loss": run.last_eval[0],

@@ -66,10 +66,10 @@ def save(
     opt_state: nnx.State,
     val_loss: float | None = None,
 ) -> None:
-    """Starts saving a checkpoint in the background; without `val_loss` it can only be kept
-    as one of the latest. Orbax gets copies of the states: the train step donates (reuses)
-    their buffers while the save is still writing."""
-    model_state, opt_state = jax.tree.map(jnp.copy, (model_state, opt_state))
+    """Saves a checkpoint in the background; without `val_loss` it can only be kept as one of
+    the latest. Orbax gets a copy of the states (`_copy_for_saving`): the train step reuses
+    (donates) their buffers while the save is still writing."""
+    model_state, opt_state = _copy_for_saving((model_state, opt_state))
     try:
         manager.save(
             step,
@@ -83,6 +83,19 @@ def save(
             f"cannot write checkpoint {step} in {manager.directory}: {e.strerror or e}; "
             f"earlier checkpoints are intact: {manager.all_steps()}"
         ) from None
+
+
+_copy_on_device = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+
+def _copy_for_saving(tree):
+    """`tree` copied to the host in one transfer, so orbax's background thread writes from
+    host memory and the caller never waits on a device-to-host copy of its own; arrays
+    spread over several processes (which no one process can fetch) are copied on the
+    devices instead, in one call."""
+    if all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
+        return jax.device_get(tree)
+    return _copy_on_device(tree)
 
 
 def resolve_step(manager: ocp.CheckpointManager, checkpoint: str | int) -> int:
