@@ -1,7 +1,10 @@
 import json
+import math
+import types
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -12,6 +15,7 @@ from charlm_jax.data.tokenizers import CharTokenizer
 from charlm_jax.errors import UserError
 from charlm_jax.model import models
 from charlm_jax.training import parallel, train
+from charlm_jax.training.metrics import read_history
 from charlm_jax.workdir import checkpoints
 
 
@@ -145,3 +149,85 @@ def test_memory_mapped_corpus_trains_exactly_like_in_memory(tmp_path, text_file,
     # Bits per character: loss / ln 2 for the character tokenizer.
     assert host["val_chars_per_token"] == 1.0 and host["tokenizer"] == "char"
     assert host["history"][-1]["val_bpc"] == pytest.approx(host["final_val_loss"] / np.log(2))
+
+
+def test_both_splits_evaluated_in_one_call_give_each_splits_loss():
+    """Stacked splits in one call: each split's loss exactly as a call of its own gives it."""
+    config = tiny_config()
+    model = models.create_model(config, 13, nnx.Rngs(0))
+    eval_step = train.make_eval_step(nnx.graphdef(model), parallel.make_mesh())
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 3000), 0, 13))
+    key = jax.random.key(2)
+    splits = [batching.eval_batches_numpy(t, key, 8, 32, 3) for t in tokens]
+    stacked = jax.tree.map(lambda *x: np.stack(x), *splits)
+    together = np.asarray(eval_step(nnx.state(model), stacked))
+    alone = [float(eval_step(nnx.state(model), split)) for split in splits]
+    assert together.shape == (2,) and together.tolist() == alone
+    assert alone[0] != alone[1]
+
+
+def test_learning_rate_is_computed_in_the_step(trained_run):
+    """The logged learning rate (the train step's) is the host schedule's at that step, and
+    the step applies it: at step 0 warmup's rate is 0 and the parameters do not move."""
+    config = trained_run.config()
+    _, schedule = train.create_optimizer(config.train)
+    records = [r for r in read_history(trained_run.workdir) if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [10, 20]
+    for r in records:  # the rate of the interval's last step (counted from 0)
+        assert r["lr"] == pytest.approx(float(schedule(r["step"] - 1)), rel=1e-6)
+    mesh = parallel.make_mesh()
+    step, _, model_state, opt_state, _ = train.build_training(config, 13, mesh)
+    before = jax.device_get(model_state)
+    tokens = jax.random.randint(jax.random.key(0), (500,), 0, 13)
+    args = (tokens, jax.random.key(1), jnp.int32(config.train.num_steps))
+    model_state, opt_state, metrics = step(model_state, opt_state, *args)
+    assert float(metrics.compute()["lr"]) == 0.0
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(model_state), strict=True):
+        np.testing.assert_array_equal(x, np.asarray(y))
+    model_state, _, metrics = step(model_state, opt_state, *args)
+    assert float(schedule(1)) > 0
+    assert float(metrics.compute()["lr"]) == pytest.approx(float(schedule(1)), rel=1e-6)
+    assert any(
+        not np.array_equal(x, np.asarray(y))
+        for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(model_state), strict=True)
+    )
+
+
+def test_time_budget_stops_training_and_the_summary_says_why(tmp_path, text_file):
+    config = tiny_config(**{"data.path": str(text_file), "train.num_steps": 1000,
+                            "train.time_budget_s": 0.001})  # fmt: skip
+    summary = train.train_and_evaluate(config, tmp_path / "run")
+    # Spent before the first log (step 10): the run evaluates, checkpoints and stops there.
+    assert summary["stop_reason"] == "time budget: 0.001 s"
+    assert summary["steps"] == 10 and summary["history"][-1]["step"] == 10
+    assert (tmp_path / "run" / "checkpoints" / "10").is_dir()
+
+
+def test_time_budget_schedule_decays_to_the_estimated_end(tmp_path, text_file, monkeypatch):
+    """On a clock that moves 1 s per step, the budget's steps are known: 11 timed steps,
+    then what the 50 s leave after the final evaluation and checkpoint, over 1 s a step (and
+    each step's share of the evaluations). The wsd schedule's decay ends exactly there, and
+    the logged rates are the schedule fitted to it."""
+    clock = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def one_second_per_step():
+        clock[0] += 1.0
+
+    config = tiny_config(**{
+        "data.path": str(text_file), "train.num_steps": 1000, "train.time_budget_s": 50.0,
+        "train.schedule": "wsd", "train.eval_every": 1000, "train.log_every": 1,
+    })  # fmt: skip
+    summary = train.train_and_evaluate(config, tmp_path / "run", one_second_per_step)
+    eval_s = 2 * config.train.eval_batches / 3  # estimated from the step time (1 s)
+    end = 11 + math.floor((50 - 11 - 2 * eval_s) / (1 + eval_s / 1000))
+    assert summary["steps"] == summary["schedule_steps"] == end
+    assert summary["stop_reason"] == "time budget: 50 s"
+    _, schedule = train.create_optimizer(config.train)
+    lrs = {r["step"]: r["lr"] for r in read_history(tmp_path / "run") if r["kind"] == "train"}
+    for step in range(12, end + 1):  # after the estimate: the schedule ends at `end`
+        assert lrs[step] == pytest.approx(float(schedule(step - 1, end)), rel=1e-6)
+    assert float(schedule(end, end)) == pytest.approx(config.train.min_learning_rate)
+    decay = round(config.train.decay_fraction * end)
+    assert lrs[end - decay] == pytest.approx(config.train.learning_rate)  # the last held
+    assert lrs[end] < lrs[end - 1] < config.train.learning_rate

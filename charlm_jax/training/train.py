@@ -134,9 +134,8 @@ def make_train_step(
     """
     batch_size, sequence_length = config.train.batch_size, config.data.sequence_length
     grad_accum_steps = config.train.grad_accum_steps
-    schedule = optimizers.schedule(
-        config.train, config.train.learning_rate, config.train.min_learning_rate
-    )
+    peak = config.train.learning_rate  # the rate the optimizers run at, scaled by the schedule
+    schedule = optimizers.schedule(config.train, peak, config.train.min_learning_rate)
 
     def loss_and_grads(model_state, inputs, targets, dropout_key):
         def loss_fn(model):
@@ -181,7 +180,7 @@ def make_train_step(
             )
             loss, grads = jax.tree.map(lambda t: t / grad_accum_steps, total)
         lr = schedule(opt.step[...], num_steps)
-        opt.update(model, grads, lr_factor=lr / config.train.learning_rate)
+        opt.update(model, grads, lr_factor=lr / peak if peak else jnp.zeros_like(lr))
         metrics = TrainMetrics.single_from_model_output(
             loss=loss, grad_norm=optax.tree.norm(grads), lr=lr
         )
