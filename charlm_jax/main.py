@@ -14,7 +14,6 @@ from ml_collections import config_flags
 
 from charlm_jax import cli
 from charlm_jax.errors import UserError
-from charlm_jax.training import parallel, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for the config, tokenizer, checkpoints, summary.")
@@ -35,8 +34,19 @@ flags.mark_flags_as_required(["config", "workdir"])
 cli.define_compilation_cache_flag()
 
 
+def _training_modules():
+    """`parallel` and `train`, imported once the flags parse (`--help` and a bad flag need no
+    JAX) and without IPython: flax.nnx imports IPython, with its whole terminal stack, only
+    to ask whether it runs inside IPython, which this command never does."""
+    sys.modules.setdefault("IPython", None)  # an import of it raises ImportError
+    from charlm_jax.training import parallel, train
+
+    return parallel, train
+
+
 def main(argv: list[str]) -> None:
     cli.start(argv)
+    parallel, train = _training_modules()
     cli.use_compilation_cache(FLAGS.compilation_cache)
     with cli.exit_on_error(UserError):
         train.validate(FLAGS.config)  # before JAX starts or waits for other processes
