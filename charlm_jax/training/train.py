@@ -471,13 +471,13 @@ class _Budget:
     deadline: float  # time.perf_counter() at which the budget is spent
     first_step: int  # the session's
     eval_every: int
+    eval_steps: float  # an evaluation and checkpoint's cost in train steps, estimated
     eval_s: float = 0.0  # an evaluation and checkpoint: estimated, then the last one measured
     timing_start: float = 0.0
 
-    def observe(self, step: int, metrics, eval_steps: float) -> int | None:
+    def observe(self, step: int, metrics) -> int | None:
         """Called after each step: waits for the steps timed (the first one, a warm-up, is
-        not) and, after the last of them, returns the step the budget reaches; else None.
-        `eval_steps`: an evaluation's cost in train steps, until one is measured."""
+        not) and, after the last of them, returns the step the budget reaches; else None."""
         if step not in (self.first_step + 1, self.first_step + 1 + BUDGET_TIMING_STEPS):
             return None
         jax.block_until_ready(metrics)
@@ -486,7 +486,7 @@ class _Budget:
             self.timing_start = now
             return None
         step_s = (now - self.timing_start) / BUDGET_TIMING_STEPS
-        self.eval_s = eval_steps * step_s
+        self.eval_s = self.eval_steps * step_s
         logging.info("time budget: %.1f ms per step measured", 1000 * step_s)
         return budget_end_step(step, self.deadline - now, step_s, self.eval_s, self.eval_every)
 
@@ -551,10 +551,13 @@ def _train(run: _Run, model_state, opt_state, stop, started: float) -> tuple[int
     steps the learning-rate schedule spans)."""
     tc, step, pending, stop_reason = run.config.train, run.start_step, [], None
     end = tc.num_steps
-    budget = _Budget(started + tc.time_budget_s, step, tc.eval_every) if tc.time_budget_s else None
-    budget_reason = f"time budget: {tc.time_budget_s:g} s"
     # An evaluation's forward passes, each about a third of a train step's (forward, backward).
     eval_steps = 2 * tc.eval_batches / (3 * tc.grad_accum_steps)
+    budget = (
+        _Budget(started + tc.time_budget_s, step, tc.eval_every, eval_steps)
+        if tc.time_budget_s else None
+    )  # fmt: skip
+    budget_reason = f"time budget: {tc.time_budget_s:g} s"
     schedule_steps = _step_scalar(run, end)
     logging.info("Training %d steps of %d tokens from step %d",
                  tc.num_steps, run.tokens_per_step, step)  # fmt: skip
@@ -565,7 +568,7 @@ def _train(run: _Run, model_state, opt_state, stop, started: float) -> tuple[int
         )
         step, interrupted = step + 1, stop()
         pending.append(metrics)
-        if budget and (budget_end := budget.observe(step, metrics, eval_steps)) is not None:
+        if budget and (budget_end := budget.observe(step, metrics)) is not None:
             end = run.progress.total = min(end, budget_end)
             schedule_steps = _step_scalar(run, end)
         is_eval = step % tc.eval_every == 0 or step == end or interrupted

@@ -89,10 +89,11 @@ _copy_on_device = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 def _copy_for_saving(tree):
-    """`tree` copied to the host in one transfer, so orbax's background thread writes from
-    host memory and the caller never waits on a device-to-host copy of its own; arrays
-    spread over several processes (which no one process can fetch) are copied on the
-    devices instead, in one call."""
+    """`tree` fetched to the host in one transfer, so orbax's background thread writes from
+    host memory and the caller never waits on a device-to-host copy of orbax's own. (On a
+    CPU the fetched arrays are views of the device buffers: a step that donates them then
+    leaves them be and allocates new ones.) Arrays spread over several processes, which no
+    one process can fetch, are copied on the devices instead, in one call."""
     if all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
         return jax.device_get(tree)
     return _copy_on_device(tree)
