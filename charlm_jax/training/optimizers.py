@@ -50,7 +50,7 @@ def schedule(config: ml_collections.ConfigDict, peak: float, end: float) -> Call
 
 def scale_by_schedule() -> optax.GradientTransformationExtraArgs:
     """Multiplies the updates by the `lr_factor` passed to `update`: the schedule's value
-    divided by its peak (`schedule(config, 1.0, end / peak)`), computed by the train step."""
+    at this step over its peak, which the train step computes."""
 
     def update(updates, state, params=None, *, lr_factor: jax.Array, **extra_args):
         del params, extra_args
