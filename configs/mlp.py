@@ -6,15 +6,7 @@
 import ml_collections
 
 from charlm_jax.config_defaults import apply_preset, base_config
-
-MODEL = dict(
-    name="mlp",
-    context_size=8,  # characters each prediction sees, the current one included
-    embedding_dim=32,
-    hidden_dim=256,
-    num_layers=2,
-    dropout_rate=0.0,
-)
+from charlm_jax.model.models import default_section
 
 PRESETS = {
     "default": {},
@@ -26,7 +18,7 @@ PRESETS = {
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-    config = apply_preset(base_config(MODEL), PRESETS, preset)
+    config = apply_preset(base_config(default_section("mlp")), PRESETS, preset)
     config.train.learning_rate = 3e-3
     config.train.min_learning_rate = 3e-4
     return config

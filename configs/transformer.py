@@ -8,26 +8,7 @@
 import ml_collections
 
 from charlm_jax.config_defaults import apply_preset, base_config
-
-MODEL = dict(
-    name="transformer",
-    embedding_dim=128,
-    hidden_dim=512,  # width of each block's MLP
-    num_layers=4,
-    num_heads=4,
-    dropout_rate=0.0,
-    position="learned",  # "learned" | "rope"
-    norm="layernorm",  # "layernorm" | "rmsnorm"
-    use_bias=False,
-    remat=False,  # recompute block activations in the backward pass (saves memory)
-    # Options of the speedrun (docs/speedrun.md); these defaults are nanoGPT's model.
-    qk_norm=False,  # RMS-normalise each head's queries and keys
-    activation="gelu",  # "gelu" | "relu2" (squared ReLU)
-    tie_embeddings=True,  # the output head is the token embedding
-    zero_init=False,  # projections into the residual stream (and an own head) start at zero
-    logit_softcap=0.0,  # > 0: logits = softcap * tanh(logits / softcap)
-    attention="xla",  # "xla" | "dot_product" (jax.nn.dot_product_attention: cuDNN on GPUs)
-)
+from charlm_jax.model.models import default_section
 
 # The speedrun's model (docs/speedrun.md has each change's effect): modded-nanogpt's changes.
 SPEEDRUN_MODEL = {
@@ -42,7 +23,7 @@ PRESETS = {
     # The nanogpt_baby model trained 2.5x longer on 16-sequence batches: readable
     # Shakespeare-like text in minutes on a CPU (docs/results.md).
     "default": {
-        "data.sequence_length": 64,
+        "data.context_length": 64,
         "train.batch_size": 16,
         "train.num_steps": 5000,
         "train.eval_every": 500,
@@ -76,7 +57,7 @@ PRESETS = {
         "model.num_layers": 2,
         "model.num_heads": 4,
         "model.position": "rope",
-        "data.sequence_length": 64,
+        "data.context_length": 64,
         "train.batch_size": 32,
         "train.num_steps": 800,
         "train.warmup_steps": 50,
@@ -92,7 +73,7 @@ PRESETS = {
         "model.num_layers": 4,
         "model.num_heads": 4,
         "model.dropout_rate": 0.0,
-        "data.sequence_length": 64,
+        "data.context_length": 64,
         "train.batch_size": 12,
         "train.learning_rate": 1e-3,
         "train.min_learning_rate": 1e-4,
@@ -109,7 +90,7 @@ PRESETS = {
         "model.num_layers": 6,
         "model.num_heads": 6,
         "model.dropout_rate": 0.2,
-        "data.sequence_length": 256,
+        "data.context_length": 256,
         "train.batch_size": 64,
         "train.learning_rate": 1e-3,
         "train.min_learning_rate": 1e-4,
@@ -123,7 +104,7 @@ PRESETS = {
     # its 2000 steps in as little wall time as possible on a CPU; the step budget reaches it.
     "speedrun": {
         **SPEEDRUN_MODEL,
-        "data.sequence_length": 64,
+        "data.context_length": 64,
         "train.batch_size": 32,
         "train.optimizer": "muon",
         "train.muon_learning_rate": 0.05,
@@ -147,7 +128,7 @@ PRESETS = {
         "model.dropout_rate": 0.2,
         "model.dtype": "bfloat16",
         "model.attention": "dot_product",
-        "data.sequence_length": 256,
+        "data.context_length": 256,
         "train.batch_size": 64,
         "train.optimizer": "muon",
         "train.muon_learning_rate": 0.02,
@@ -164,4 +145,4 @@ PRESETS = {
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-    return apply_preset(base_config(MODEL), PRESETS, preset)
+    return apply_preset(base_config(default_section("transformer")), PRESETS, preset)

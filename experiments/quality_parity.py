@@ -46,7 +46,7 @@ def whole_val_loss(workdir: Path) -> float:
     sampler = Sampler.from_workdir(workdir, checkpoint="best")
     config = checkpoints.read_run_config(workdir)
     tokens = sampler.tokenizer.encode(text_files.read_text(config.data))
-    _, val = pipeline.split_tokens(tokens, config.data.val_fraction, config.data.sequence_length)
+    _, val = pipeline.split_tokens(tokens, config.data.val_fraction, config.data.context_length)
     return -float(np.mean(sampler.log_probs(sampler.tokenizer.decode(val))))
 
 

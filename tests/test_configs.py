@@ -16,7 +16,7 @@ def test_size_presets(module, preset, sizes):
 def test_nanogpt_presets_match_nanogpt():
     baby = transformer.get_config("nanogpt_baby")
     assert (baby.model.num_layers, baby.model.num_heads, baby.model.embedding_dim) == (4, 4, 128)
-    assert (baby.data.sequence_length, baby.train.batch_size, baby.train.num_steps) == (
+    assert (baby.data.context_length, baby.train.batch_size, baby.train.num_steps) == (
         64,
         12,
         2000,
@@ -24,7 +24,7 @@ def test_nanogpt_presets_match_nanogpt():
     assert baby.train.learning_rate == 1e-3 and baby.model.dropout_rate == 0.0
     gpt = transformer.get_config("nanogpt")
     assert (gpt.model.num_layers, gpt.model.num_heads, gpt.model.embedding_dim) == (6, 6, 384)
-    assert (gpt.data.sequence_length, gpt.train.batch_size, gpt.train.num_steps) == (256, 64, 5000)
+    assert (gpt.data.context_length, gpt.train.batch_size, gpt.train.num_steps) == (256, 64, 5000)
     assert gpt.model.dropout_rate == 0.2 and gpt.train.beta2 == 0.99
     assert (gpt.train.warmup_steps, gpt.train.min_learning_rate) == (100, 1e-4)
 
@@ -38,7 +38,7 @@ def test_required_field_names():
             "model.num_layers",
             "model.dropout_rate",
             "data.path",
-            "data.sequence_length",
+            "data.context_length",
             "train.batch_size",
             "train.learning_rate",
             "train.num_steps",

@@ -15,10 +15,23 @@ SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "muon")
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises UserError naming the first field of `config` (the `train` section) that no
+    optimizer or schedule can be built from."""
+    for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+        if config[name] not in choices:
+            raise UserError(f"unknown train.{name} {config[name]!r}: expected one of {choices}")
+    if config.schedule == "wsd" and not 0.0 < config.decay_fraction <= 1.0:
+        raise UserError(f"train.decay_fraction must be in (0, 1], got {config.decay_fraction}")
+    if config.warmup_steps < 0:
+        raise UserError(f"train.warmup_steps must be >= 0, got {config.warmup_steps}")
+
+
 def schedule(config: ml_collections.ConfigDict, peak: float, end: float) -> optax.Schedule:
     """`train.schedule`: linear warmup to `peak` over `train.warmup_steps`, then down to
     `end` at `train.num_steps`, by a cosine ("cosine"), or held and then decayed linearly
-    over the last `train.decay_fraction` of the steps ("wsd", warmup-stable-decay)."""
+    over the last `train.decay_fraction` of the steps ("wsd", warmup-stable-decay).
+    `config` is the `train` section, checked by `check_config`."""
     steps = max(config.num_steps, config.warmup_steps + 1)
     if config.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
@@ -28,10 +41,6 @@ def schedule(config: ml_collections.ConfigDict, peak: float, end: float) -> opta
             decay_steps=steps,
             end_value=end,
         )
-    if config.schedule != "wsd":
-        raise UserError(f"unknown train.schedule {config.schedule!r}: expected one of {SCHEDULES}")
-    if not 0.0 < config.decay_fraction <= 1.0:
-        raise UserError(f"train.decay_fraction must be in (0, 1], got {config.decay_fraction}")
     decay = max(1, round(config.decay_fraction * steps))
     stable = max(0, steps - config.warmup_steps - decay)
     return optax.join_schedules(

@@ -45,6 +45,14 @@ from charlm_jax.workdir import checkpoints, layout
 
 LOSS_CURVE_FILE = "loss_curve.png"
 PLOTTING = "charlm_jax.training.curves"  # imported only by runs that draw the loss curve
+COUNTS = (  # `train` fields that must be at least 1
+    "num_steps",
+    "eval_every",
+    "log_every",
+    "eval_batches",
+    "batch_size",
+    "grad_accum_steps",
+)
 
 
 def create_optimizer(
@@ -53,13 +61,10 @@ def create_optimizer(
     """Global-norm clipping, then AdamW, or Muon with AdamW (`train.optimizer`), on a
     linear-warmup schedule (`optimizers.schedule`); returns it with the AdamW learning rate.
 
-    `config` is the `train` section. Weight decay applies to matrices and embeddings only.
+    `config` is the `train` section (checked by `optimizers.check_config`). Weight decay
+    applies to matrices and embeddings only.
     """
     schedule = optimizers.schedule(config, config.learning_rate, config.min_learning_rate)
-    if config.optimizer not in optimizers.OPTIMIZERS:
-        raise UserError(
-            f"unknown train.optimizer {config.optimizer!r}: expected one of {optimizers.OPTIMIZERS}"
-        )
     if config.optimizer == "muon":
         update = optimizers.muon_with_adamw(config)
     else:
@@ -122,7 +127,7 @@ def make_train_step(
     to run), which exact resume needs; it makes GPU steps slower (docs/performance.md).
     No effect on CPUs.
     """
-    batch_size, sequence_length = config.train.batch_size, config.data.sequence_length
+    batch_size, sequence_length = config.train.batch_size, config.data.context_length
     grad_accum_steps = config.train.grad_accum_steps
 
     def loss_and_grads(model_state, inputs, targets, dropout_key):
@@ -225,22 +230,16 @@ def evals_without_improvement(val_losses: list[float], min_delta: float) -> int:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises UserError for a config that cannot train, before anything is read: a count or
-    size below 1, a `model` field no model can be built from (an unknown name, position or
-    norm, num_heads not dividing the width, a bad dtype), or a `data` field that is not one
-    of its choices."""
-    tc = config.train
-    sizes = {
-        "train.num_steps": tc.num_steps, "train.eval_every": tc.eval_every,
-        "train.log_every": tc.log_every, "train.eval_batches": tc.eval_batches,
-        "train.batch_size": tc.batch_size, "train.grad_accum_steps": tc.grad_accum_steps,
-        "data.sequence_length": config.data.sequence_length,
-    }  # fmt: skip
-    for name, value in sizes.items():
-        if value < 1:
-            raise UserError(f"{name} must be positive, got {value}")
+    """Raises UserError naming the first field of `config` that cannot train, before anything
+    is read: one check per section (`models.check_config`, `pipeline.check_config`, and the
+    `train` section's counts and `optimizers.check_config`)."""
     models.check_config(config)
     pipeline.check_config(config.data)
+    tc = config.train
+    for name in COUNTS:
+        if tc[name] < 1:
+            raise UserError(f"train.{name} must be positive, got {tc[name]}")
+    optimizers.check_config(tc)
 
 
 def _format_duration(seconds: float) -> str:
@@ -249,7 +248,7 @@ def _format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class _Run:
     """What the loop's helpers share: the prepared run, and the counts it keeps."""
 
@@ -276,7 +275,7 @@ class _Run:
     @property
     def tokens_per_step(self) -> int:
         tc = self.config.train
-        return tc.batch_size * tc.grad_accum_steps * self.config.data.sequence_length
+        return tc.batch_size * tc.grad_accum_steps * self.config.data.context_length
 
     def val_history(self) -> list[float]:
         return [r["val_loss"] for r in self.log.evals()]
@@ -289,7 +288,7 @@ def _with_epochs_as_steps(config: ml_collections.ConfigDict, train_tokens: int):
     if tc.num_epochs <= 0:
         return config
     config = copy.deepcopy(config)
-    tokens_per_step = tc.batch_size * tc.grad_accum_steps * config.data.sequence_length
+    tokens_per_step = tc.batch_size * tc.grad_accum_steps * config.data.context_length
     steps = config.train.num_steps = max(
         1, math.ceil(tc.num_epochs * train_tokens / tokens_per_step)
     )
@@ -301,7 +300,7 @@ def _batch_source(config, dataset: pipeline.Dataset, mesh, start_step: int, keys
     """(each step's batch data, the two splits' evaluation batches, the train step's batch
     argument spec), drawn from `keys`, (data key, eval key): the training tokens on the
     devices, or training batches drawn on the host."""
-    tc, seq_len = config.train, config.data.sequence_length
+    tc, seq_len = config.train, config.data.context_length
     data_key, eval_key = keys
     # The same batches at every evaluation, so successive losses compare.
     eval_batches = [
@@ -378,10 +377,23 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path, closing: contextlib
     )  # fmt: skip
     closing.callback(progress.close)
     run = _Run(
-        config, workdir, dataset.tokenizer, dataset.chars_per_token, num_params,
-        start_step, resuming, train_step, evaluate, schedule, batches, data_key, manager, log,
-        progress, is_main,
-    )  # fmt: skip
+        config=config,
+        workdir=workdir,
+        tokenizer=dataset.tokenizer,
+        chars_per_token=dataset.chars_per_token,
+        num_params=num_params,
+        start_step=start_step,
+        resumed=resuming,
+        train_step=train_step,
+        evaluate=evaluate,
+        schedule=schedule,
+        batches=batches,
+        data_key=data_key,
+        manager=manager,
+        log=log,
+        progress=progress,
+        is_main=is_main,
+    )
     return run, model_state, opt_state
 
 
