@@ -1,5 +1,5 @@
 """The `data` and `train` sections every config file in `configs/` has (the `model` section's
-fields and defaults are its config dataclass's, `models.default_section`), their preset
+fields and defaults are its config dataclass's: `model.config.default_section`), their preset
 mechanism, and the upgrade of a config saved by an older version."""
 
 from __future__ import annotations

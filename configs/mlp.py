@@ -6,7 +6,7 @@
 import ml_collections
 
 from charlm_jax.config_defaults import apply_preset, base_config
-from charlm_jax.model.models import default_section
+from charlm_jax.model.config import default_section
 
 PRESETS = {
     "default": {},

@@ -8,7 +8,7 @@
 import ml_collections
 
 from charlm_jax.config_defaults import apply_preset, base_config
-from charlm_jax.model.models import default_section
+from charlm_jax.model.config import default_section
 
 # The speedrun's model (docs/speedrun.md has each change's effect): modded-nanogpt's changes.
 SPEEDRUN_MODEL = {
