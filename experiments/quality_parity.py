@@ -70,7 +70,8 @@ def main(argv: list[str]) -> None:
     cli.quiet_library_logs()
     workdir = Path(FLAGS.workdir)
     runs = sweeps.expand_grid(FLAGS.config, [f"train.seed={','.join(FLAGS.seeds)}"], FLAGS.set)
-    sweeps.run_sweep(runs, workdir)
+    with cli.StopSignals(cli.interrupt):  # SIGTERM stops it as Ctrl-C does
+        sweeps.run_sweep(runs, workdir)
     rows = []
     for run, seed in zip(runs, FLAGS.seeds, strict=True):
         summary = json.loads((workdir / run.name / checkpoints.SUMMARY_FILE).read_text())
