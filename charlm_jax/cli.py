@@ -58,11 +58,12 @@ def define_compilation_cache_flag(
     `allow_override`: a later definition of the flag in the same process replaces this one
     instead of failing (for a script that tests load beside a CLI module)."""
     flags.DEFINE_string(
-        "compilation_cache", default,
+        "compilation_cache",
+        default,
         "Folder of JAX's persistent compilation cache: a rerun loads the programs it compiled "
         "before (seconds each on a CPU). Empty: off. $JAX_COMPILATION_CACHE_DIR wins.",
         allow_override=allow_override,
-    )  # fmt: skip
+    )
 
 
 def use_compilation_cache(directory: str) -> None:

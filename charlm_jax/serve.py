@@ -90,9 +90,12 @@ def main(argv: list[str]) -> None:
     )
     with cli.exit_on_error(), cli.stderr_held():
         service = Service.from_workdir(
-            Path(FLAGS.workdir), cli.checkpoint_arg(FLAGS.checkpoint), FLAGS.num_slots,
-            FLAGS.quantize, options,
-        )  # fmt: skip
+            Path(FLAGS.workdir),
+            cli.checkpoint_arg(FLAGS.checkpoint),
+            FLAGS.num_slots,
+            FLAGS.quantize,
+            options,
+        )
     logging.info("serving %s on http://%s:%d", service.info.id, FLAGS.host, FLAGS.port)
     config = uvicorn.Config(
         create_app(service),

@@ -10,8 +10,8 @@ logits at position t depend only on tokens 0..t.
   output head tied to the token embedding. Positions may instead be rotary (RoPE).
 
 Each is configured by one frozen dataclass (`MLPConfig`, `TransformerConfig`, in
-`model/config.py`) that `create_model` builds from `config.model`; both implement `CachedDecoder`, the interface the
-sampler decodes through.
+`model/config.py`) that `create_model` builds from `config.model`; both implement
+`CachedDecoder`, the interface the sampler decodes through.
 """
 
 from __future__ import annotations

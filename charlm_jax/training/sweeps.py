@@ -272,10 +272,16 @@ def _rows(runs: Sequence[Run], workdir: Path, outcomes: dict[str, tuple[str, str
         summary = {}
         if status == "done":
             summary = json.loads((workdir / run.name / checkpoints.SUMMARY_FILE).read_text())
-        rows.append({
-            "run": run.name, "status": status, **run.swept, "model": summary.get("model"),
-            **{key: summary.get(key) for key in SUMMARY_COLUMNS}, "error": error,
-        })  # fmt: skip
+        rows.append(
+            {
+                "run": run.name,
+                "status": status,
+                **run.swept,
+                "model": summary.get("model"),
+                **{key: summary.get(key) for key in SUMMARY_COLUMNS},
+                "error": error,
+            }
+        )
     return sorted(rows, key=lambda r: r["best_val_loss"] or math.inf)
 
 

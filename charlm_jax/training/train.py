@@ -345,9 +345,11 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path, closing: contextlib
     )
     num_params = models.count_params(model_state)
     logging.info(
-        "Model %s, %s parameters:\n%s", config.model.name, f"{num_params:,}",
+        "Model %s, %s parameters:\n%s",
+        config.model.name,
+        f"{num_params:,}",
         parameter_overview.get_parameter_overview(nnx.to_pure_dict(model_state)),
-    )  # fmt: skip
+    )
     start_step = 0
     if resuming:
         start_step, model_state, opt_state = checkpoints.restore_latest_good(
@@ -372,9 +374,11 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path, closing: contextlib
 
     # A progress bar on a terminal; log lines otherwise (files, CI).
     progress = tqdm.tqdm(
-        total=config.train.num_steps, initial=start_step, unit="step",
+        total=config.train.num_steps,
+        initial=start_step,
+        unit="step",
         disable=not (is_main and sys.stderr.isatty()),
-    )  # fmt: skip
+    )
     closing.callback(progress.close)
     run = _Run(
         config=config,
