@@ -126,7 +126,7 @@ def test_an_old_config_json_loads_in_todays_terms(tmp_path):
     [
         ({"model.name": "rnn"}, "unknown model.name 'rnn'"),
         ({"model.depth": 2}, "model.depth is not a field of the transformer model"),
-        ({"model.num_heads": 3}, "model.embedding_dim=128 is not divisible by model.num_heads=3"),
+        ({"model.num_heads": 3}, "model.embedding_dim=128 is not divisible by num_heads=3"),
         ({"model.num_layers": 0}, "model.num_layers must be positive, got 0"),
         ({"model.dropout_rate": 1.0}, r"model.dropout_rate must be in \[0, 1\), got 1.0"),
         ({"model.norm": "batchnorm"}, "unknown model.norm 'batchnorm'"),

@@ -75,7 +75,7 @@ class TransformerConfig:
         if self.embedding_dim % self.num_heads:
             raise UserError(
                 f"model.embedding_dim={self.embedding_dim} is not divisible by "
-                f"model.num_heads={self.num_heads}"
+                f"num_heads={self.num_heads}"
             )
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
