@@ -65,7 +65,7 @@ class TransformerConfig:
     tie_embeddings: bool = True  # the output head is the token embedding (False: its own)
     zero_init: bool = False  # projections into the residual stream, and an own head, start at 0
     logit_softcap: float = 0.0  # > 0: logits = softcap * tanh(logits / softcap)
-    attention: str = "xla"  # "xla" | "dot_product" (jax.nn.dot_product_attention, see below)
+    attention: str = "xla"  # "xla" | "dot_product" (jax.nn.dot_product_attention: cuDNN on GPUs)
     dtype: np.dtype = np.dtype("float32")  # compute dtype of the blocks' matmuls ("bfloat16")
     param_dtype: np.dtype = np.dtype("float32")  # parameters, embeddings, residual stream
 

@@ -506,7 +506,7 @@ def model_config(
     unknown = [key for key in fields if key not in known]
     if unknown:
         raise UserError(f"model.{unknown[0]} is not a field of the {name} model: {known}")
-    for key in set(DTYPE_FIELDS) & set(fields):
+    for key in [k for k in DTYPE_FIELDS if k in fields]:
         try:
             fields[key] = jnp.dtype(fields[key])
         except TypeError as e:
