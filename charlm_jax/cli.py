@@ -58,11 +58,12 @@ def define_compilation_cache_flag(
     `allow_override`: a later definition of the flag in the same process replaces this one
     instead of failing (for a script that tests load beside a CLI module)."""
     flags.DEFINE_string(
-        "compilation_cache", default,
+        "compilation_cache",
+        default,
         "Folder of JAX's persistent compilation cache: a rerun loads the programs it compiled "
         "before (seconds each on a CPU). Empty: off. $JAX_COMPILATION_CACHE_DIR wins.",
         allow_override=allow_override,
-    )  # fmt: skip
+    )
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -143,23 +144,42 @@ def flags_parser(check: Callable[[], object] | None = None) -> Callable[[list[st
     return parse
 
 
-class StopSignals:
-    """While active (in the main thread), a SIGINT or SIGTERM asks a run to checkpoint and
-    stop: `requested()` then says why ("interrupted by SIGTERM"); a second signal stops at
-    once (KeyboardInterrupt)."""
+def interrupt(signal_name: str) -> None:
+    """Stops the main thread at once, as Ctrl-C does (a `StopSignals` action)."""
+    raise KeyboardInterrupt(signal_name)
 
-    def __init__(self):
+
+class StopSignals:
+    """The one way the commands handle SIGINT and SIGTERM (library calls install no handler;
+    they take a stop callback or an exception instead). While active in the main thread
+    (elsewhere it does nothing), the first of them calls `on_stop(name)` and any later one
+    `on_again(name)`; both run in the main thread, between two Python bytecodes.
+
+    The defaults suit a training run: the first signal is recorded, so that `requested()`
+    says why ("interrupted by SIGTERM") and the run checkpoints and stops; a second one
+    stops at once (KeyboardInterrupt)."""
+
+    def __init__(
+        self,
+        on_stop: Callable[[str], None] | None = None,
+        on_again: Callable[[str], None] = interrupt,
+    ):
+        self._on_stop = on_stop or self._record
+        self._on_again = on_again
         self._received: str | None = None
+        self._seen = False
         self._previous: dict = {}
 
     def requested(self) -> str | None:
         return self._received and f"interrupted by {self._received}"
 
-    def _handle(self, signum, frame):
-        if self._received:
-            raise KeyboardInterrupt
-        self._received = signal.Signals(signum).name
-        logging.warning("%s received: saving a checkpoint, then stopping", self._received)
+    def _record(self, signal_name: str) -> None:
+        self._received = signal_name
+        logging.warning("%s received: saving a checkpoint, then stopping", signal_name)
+
+    def _handle(self, signum: int, frame) -> None:
+        name, again, self._seen = signal.Signals(signum).name, self._seen, True
+        (self._on_again if again else self._on_stop)(name)
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

@@ -1,11 +1,16 @@
-"""Defaults shared by the config files in `configs/`, and their preset mechanism."""
+"""The `data` and `train` sections every config file in `configs/` has (the `model` section's
+fields and defaults are its config dataclass's: `model.config.default_section`), their preset
+mechanism, and the upgrade of a config saved by an older version."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+
+from charlm_jax.errors import UserError
 
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -16,8 +21,6 @@ def base_config(model: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """The data and train sections every config has, around the given `model` section."""
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict(dict(model))
-    config.model.dtype = "float32"  # compute dtype of the matmuls: "bfloat16" for mixed precision
-    config.model.param_dtype = "float32"  # parameters and optimizer state
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "file"  # "file" (data.path) | "tfds" (data.tfds_name)
@@ -25,7 +28,7 @@ def base_config(model: Mapping[str, Any]) -> ml_collections.ConfigDict:
     config.data.download = False  # fetch data.download_url to data.path if that file is absent
     config.data.download_url = TINY_SHAKESPEARE_URL
     config.data.val_fraction = 0.1  # the last 10% of the text, by position
-    config.data.sequence_length = 128
+    config.data.context_length = 128  # tokens per training window: the Transformer's context
     config.data.allow_unknown = False  # map characters outside the vocabulary to <unk>
     config.data.decode_errors = "strict"  # "strict": bad UTF-8 is an error | "replace": U+FFFD
     config.data.lowercase = False  # preprocessing, saved with the tokenizer (prompts get it too)
@@ -80,11 +83,30 @@ def apply_preset(
 ) -> ml_collections.ConfigDict:
     """Applies `presets[name]`, a mapping of dotted field names to values."""
     if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(presets)}")
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(presets)}")
     for dotted, value in presets[name].items():
         section, field = dotted.split(".")
         if field not in config[section]:
-            raise KeyError(f"preset {name!r} sets unknown field {dotted!r}")
+            raise UserError(f"preset {name!r} sets unknown field {dotted!r}")
         config[section][field] = value
     config.preset = name
+    return config
+
+
+# Fields renamed since a run saved its config.json: old dotted name -> new one.
+RENAMED = {"data.sequence_length": "data.context_length", "model.context_size": "model.window"}
+
+
+def upgrade(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A config saved by an older version (a run's config.json, as a dict) in today's terms:
+    renamed fields under their new names, and the `data` and `train` fields it lacks at
+    today's defaults (a missing `model` field takes its dataclass default when the model is
+    built)."""
+    saved = copy.deepcopy(dict(saved))
+    for old, new in RENAMED.items():
+        section, field = old.split(".")
+        if field in saved.get(section, {}):
+            saved[section][new.split(".")[1]] = saved[section].pop(field)
+    config = base_config(saved.get("model", {}))
+    config.update({key: value for key, value in saved.items() if key != "model"})
     return config

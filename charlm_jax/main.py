@@ -24,9 +24,10 @@ config_flags.DEFINE_config_file(
     lock_config=True,
 )
 flags.DEFINE_string(
-    "coordinator_address", None,
+    "coordinator_address",
+    None,
     "host:port of process 0, for a multi-process run (default: $JAX_COORDINATOR_ADDRESS).",
-)  # fmt: skip
+)
 flags.DEFINE_integer("num_processes", None, "Processes in the run (default: $JAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", None, "This process's index (default: $JAX_PROCESS_ID).")
 flags.DEFINE_integer("coordinator_timeout", 300, "Seconds to wait for all processes to join.")
@@ -52,9 +53,11 @@ def main(argv: list[str]) -> None:
         train.validate(FLAGS.config)  # before JAX starts or waits for other processes
         parallel.one_cpu_device_per_core(FLAGS.config.train.batch_size)
         parallel.initialize_distributed(
-            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
             FLAGS.coordinator_timeout,
-        )  # fmt: skip
+        )
         parallel.warn_if_gpu_wheel_unused()
         with cli.StopSignals() as signals:
             summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, signals.requested)

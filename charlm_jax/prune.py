@@ -194,7 +194,7 @@ def prune_workdir(
     model, tokenizer, config = checkpoints.load_model(workdir, checkpoint)
     dataset = pipeline.load_dataset(config.data, tokenizer)
     train_tokens, val_tokens = dataset.train, dataset.val
-    length = config.data.sequence_length
+    length = config.data.context_length
     stats = windows(train_tokens, length, STATS_BATCHES * config.train.batch_size)[:, :-1]
     scores = neuron_scores(model, np.split(stats, STATS_BATCHES))
     keep = max(1, round(mlp_keep * config.model.hidden_dim))

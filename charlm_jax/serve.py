@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -51,25 +51,25 @@ class DrainingServer(uvicorn.Server):
         self._drain: asyncio.Task | None = None
 
     @contextlib.contextmanager
-    def capture_signals(self):
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's hook around serving: the CLI's `StopSignals`, whose first signal starts
+        draining and whose later Ctrl-C exits at once."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._on_signal, sig)
-        try:
-            yield
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
 
-    def _on_signal(self, sig: int) -> None:
-        if self._drain is None:
-            logging.info(
-                "draining (%s): up to %.0fs for running requests",
-                signal.Signals(sig).name,
-                self.grace_period,
-            )
-            self._drain = asyncio.ensure_future(self._drain_then_exit())
-        elif sig == signal.SIGINT:
+        def drain(signal_name: str) -> None:  # in a signal handler: hand it to the loop
+            loop.call_soon_threadsafe(self._start_drain, signal_name)
+
+        with cli.StopSignals(on_stop=drain, on_again=self._exit_at_once):
+            yield
+
+    def _start_drain(self, signal_name: str) -> None:
+        logging.info(
+            "draining (%s): up to %.0fs for running requests", signal_name, self.grace_period
+        )
+        self._drain = asyncio.ensure_future(self._drain_then_exit())
+
+    def _exit_at_once(self, signal_name: str) -> None:
+        if signal_name == "SIGINT":
             self.should_exit = self.force_exit = True
 
     async def _drain_then_exit(self) -> None:
@@ -90,9 +90,12 @@ def main(argv: list[str]) -> None:
     )
     with cli.exit_on_error(), cli.stderr_held():
         service = Service.from_workdir(
-            Path(FLAGS.workdir), cli.checkpoint_arg(FLAGS.checkpoint), FLAGS.num_slots,
-            FLAGS.quantize, options,
-        )  # fmt: skip
+            Path(FLAGS.workdir),
+            cli.checkpoint_arg(FLAGS.checkpoint),
+            FLAGS.num_slots,
+            FLAGS.quantize,
+            options,
+        )
     logging.info("serving %s on http://%s:%d", service.info.id, FLAGS.host, FLAGS.port)
     config = uvicorn.Config(
         create_app(service),

@@ -6,27 +6,21 @@
 import ml_collections
 
 from charlm_jax.config_defaults import apply_preset, base_config
+from charlm_jax.model.config import default_section
 
-MODEL = dict(
-    name="mlp",
-    context_size=8,  # characters each prediction sees, the current one included
-    embedding_dim=32,
-    hidden_dim=256,
-    num_layers=2,
-    dropout_rate=0.0,
-)
-
+# Each preset sets only the fields that differ from the defaults (the model's in
+# charlm_jax/model/config.py, the others in charlm_jax/config_defaults.py and get_config).
 PRESETS = {
     "default": {},
     # The seed tutorial's sizes (embedding / hidden / layers).
-    "small": {"model.embedding_dim": 64, "model.hidden_dim": 128, "model.num_layers": 2},
-    "medium": {"model.embedding_dim": 128, "model.hidden_dim": 256, "model.num_layers": 4},
+    "small": {"model.embedding_dim": 64, "model.hidden_dim": 128},
+    "medium": {"model.embedding_dim": 128, "model.num_layers": 4},
     "large": {"model.embedding_dim": 256, "model.hidden_dim": 512, "model.num_layers": 6},
 }
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-    config = apply_preset(base_config(MODEL), PRESETS, preset)
+    config = base_config(default_section("mlp"))
     config.train.learning_rate = 3e-3
     config.train.min_learning_rate = 3e-4
-    return config
+    return apply_preset(config, PRESETS, preset)

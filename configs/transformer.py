@@ -8,26 +8,7 @@
 import ml_collections
 
 from charlm_jax.config_defaults import apply_preset, base_config
-
-MODEL = dict(
-    name="transformer",
-    embedding_dim=128,
-    hidden_dim=512,  # width of each block's MLP
-    num_layers=4,
-    num_heads=4,
-    dropout_rate=0.0,
-    position="learned",  # "learned" | "rope"
-    norm="layernorm",  # "layernorm" | "rmsnorm"
-    use_bias=False,
-    remat=False,  # recompute block activations in the backward pass (saves memory)
-    # Options of the speedrun (docs/speedrun.md); these defaults are nanoGPT's model.
-    qk_norm=False,  # RMS-normalise each head's queries and keys
-    activation="gelu",  # "gelu" | "relu2" (squared ReLU)
-    tie_embeddings=True,  # the output head is the token embedding
-    zero_init=False,  # projections into the residual stream (and an own head) start at zero
-    logit_softcap=0.0,  # > 0: logits = softcap * tanh(logits / softcap)
-    attention="xla",  # "xla" | "dot_product" (jax.nn.dot_product_attention: cuDNN on GPUs)
-)
+from charlm_jax.model.config import default_section
 
 # The speedrun's model (docs/speedrun.md has each change's effect): modded-nanogpt's changes.
 SPEEDRUN_MODEL = {
@@ -38,11 +19,13 @@ SPEEDRUN_MODEL = {
     "model.zero_init": True,
 }
 
+# Each preset sets only the fields that differ from the defaults (the model's in
+# charlm_jax/model/config.py, the others in charlm_jax/config_defaults.py).
 PRESETS = {
     # The nanogpt_baby model trained 2.5x longer on 16-sequence batches: readable
     # Shakespeare-like text in minutes on a CPU (docs/results.md).
     "default": {
-        "data.sequence_length": 64,
+        "data.context_length": 64,
         "train.batch_size": 16,
         "train.num_steps": 5000,
         "train.eval_every": 500,
@@ -52,17 +35,12 @@ PRESETS = {
         "model.embedding_dim": 64,
         "model.hidden_dim": 128,
         "model.num_layers": 2,
-        "model.num_heads": 4,
     },
     "medium": {
-        "model.embedding_dim": 128,
         "model.hidden_dim": 256,
-        "model.num_layers": 4,
-        "model.num_heads": 4,
     },
     "large": {
         "model.embedding_dim": 256,
-        "model.hidden_dim": 512,
         "model.num_layers": 6,
         "model.num_heads": 8,
         "model.dropout_rate": 0.1,
@@ -74,10 +52,8 @@ PRESETS = {
         "model.embedding_dim": 64,
         "model.hidden_dim": 256,
         "model.num_layers": 2,
-        "model.num_heads": 4,
         "model.position": "rope",
-        "data.sequence_length": 64,
-        "train.batch_size": 32,
+        "data.context_length": 64,
         "train.num_steps": 800,
         "train.warmup_steps": 50,
         "train.learning_rate": 3e-3,
@@ -85,22 +61,11 @@ PRESETS = {
         "train.eval_every": 100,
         "train.log_every": 100,
     },
-    # nanoGPT's "baby GPT" for CPU (README of karpathy/nanoGPT).
+    # nanoGPT's "baby GPT" for CPU (README of karpathy/nanoGPT): the defaults are its model
+    # and schedule (tests/test_configs.py checks both nanoGPT presets).
     "nanogpt_baby": {
-        "model.embedding_dim": 128,
-        "model.hidden_dim": 512,
-        "model.num_layers": 4,
-        "model.num_heads": 4,
-        "model.dropout_rate": 0.0,
-        "data.sequence_length": 64,
+        "data.context_length": 64,
         "train.batch_size": 12,
-        "train.learning_rate": 1e-3,
-        "train.min_learning_rate": 1e-4,
-        "train.num_steps": 2000,
-        "train.warmup_steps": 100,
-        "train.beta2": 0.99,
-        "train.eval_every": 250,
-        "train.eval_batches": 20,
     },
     # nanoGPT's config/train_shakespeare_char.py (a GPU config).
     "nanogpt": {
@@ -109,22 +74,16 @@ PRESETS = {
         "model.num_layers": 6,
         "model.num_heads": 6,
         "model.dropout_rate": 0.2,
-        "data.sequence_length": 256,
+        "data.context_length": 256,
         "train.batch_size": 64,
-        "train.learning_rate": 1e-3,
-        "train.min_learning_rate": 1e-4,
         "train.num_steps": 5000,
-        "train.warmup_steps": 100,
-        "train.beta2": 0.99,
-        "train.eval_every": 250,
         "train.eval_batches": 200,
     },
     # experiments/speedrun.py's record recipe (docs/speedrun.md): nanogpt_baby's quality after
     # its 2000 steps in as little wall time as possible on a CPU; the step budget reaches it.
     "speedrun": {
         **SPEEDRUN_MODEL,
-        "data.sequence_length": 64,
-        "train.batch_size": 32,
+        "data.context_length": 64,
         "train.optimizer": "muon",
         "train.muon_learning_rate": 0.05,
         "train.learning_rate": 5e-3,
@@ -134,7 +93,6 @@ PRESETS = {
         "train.warmup_steps": 50,
         "train.num_steps": 200,
         "train.eval_every": 200,
-        "train.log_every": 50,
     },
     # The GPU counterpart: the nanogpt preset's quality (val 1.47) with the speedrun's changes,
     # bfloat16 matmuls and cuDNN attention. Not yet run on a GPU: its numbers are guesses.
@@ -147,21 +105,17 @@ PRESETS = {
         "model.dropout_rate": 0.2,
         "model.dtype": "bfloat16",
         "model.attention": "dot_product",
-        "data.sequence_length": 256,
+        "data.context_length": 256,
         "train.batch_size": 64,
         "train.optimizer": "muon",
-        "train.muon_learning_rate": 0.02,
         "train.learning_rate": 2e-3,
         "train.min_learning_rate": 2e-4,
         "train.schedule": "wsd",
-        "train.decay_fraction": 0.3,
-        "train.warmup_steps": 100,
         "train.num_steps": 2500,
-        "train.eval_every": 250,
         "train.eval_batches": 200,
     },
 }
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-    return apply_preset(base_config(MODEL), PRESETS, preset)
+    return apply_preset(base_config(default_section("transformer")), PRESETS, preset)

@@ -51,7 +51,7 @@ def flops_per_token(config, num_params: int, embedding_params: int) -> float:
     """nanoGPT's model FLOPs per trained token (forward and backward)."""
     m = config.model
     if m.name == "transformer":
-        attention = 12 * m.num_layers * m.embedding_dim * config.data.sequence_length
+        attention = 12 * m.num_layers * m.embedding_dim * config.data.context_length
         return 6 * (num_params - embedding_params) + attention
     return 6 * num_params
 
@@ -98,7 +98,7 @@ def train_speed(config) -> dict:
     # nanoGPT counts the position embedding (wpe) out and keeps the tied token embedding.
     embedding_params = models.count_params(params["pos_embed"]) if "pos_embed" in params else 0
     tc = config.train
-    tokens_per_step = tc.batch_size * tc.grad_accum_steps * config.data.sequence_length
+    tokens_per_step = tc.batch_size * tc.grad_accum_steps * config.data.context_length
     median = statistics.median(times)
     return {
         "num_params": num_params,
@@ -134,7 +134,7 @@ def main(argv: list[str]) -> None:
     model = result.pop("model")
     tokenizer = result.pop("tokenizer")
     decode = {
-        int(b): decode_speed(model, tokenizer, config.data.sequence_length, int(b),
+        int(b): decode_speed(model, tokenizer, config.data.context_length, int(b),
                              FLAGS.decode_tokens)
         for b in FLAGS.decode_batches if b
     }  # fmt: skip

@@ -62,7 +62,7 @@ def quality(workdir: Path, mode: str, reference: np.ndarray | None) -> dict:
     """bpc, agreement with `reference` predictions, size on disk of one variant."""
     model, tokenizer, config = quantize.load_model(workdir, "best", mode)
     dataset = pipeline.load_dataset(config.data, tokenizer)
-    logp, predicted = prune.score_text(model, dataset.val, config.data.sequence_length)
+    logp, predicted = prune.score_text(model, dataset.val, config.data.context_length)
     if mode == "none":
         size = _disk(_model_dir(workdir))
     else:
@@ -94,7 +94,7 @@ def speed_worker(variant: str) -> None:
         config.model.hidden_dim //= 2
     model = models.create_model(config, 65, nnx.Rngs(0))
     model = quantize.quantize_model(model, "int8" if variant.endswith("int8") else "none")
-    context = config.data.sequence_length
+    context = config.data.context_length
     result = {}
     for batch in FLAGS.batch:
         eng = engine.Engine(quantize.for_slots(model, batch), context, num_slots=batch)

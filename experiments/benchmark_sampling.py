@@ -71,7 +71,7 @@ def batch_table(tokenizer: CharTokenizer) -> None:
         batch, n = int(batch), new_tokens[preset]
         config = preset_config(preset)
         model = models.create_model(config, tokenizer.vocab_size, nnx.Rngs(0))
-        sampler = Sampler(model, tokenizer, config.data.sequence_length)
+        sampler = Sampler(model, tokenizer, config.data.context_length)
         prompts = [""] * batch  # a one-token prompt: a newline
         sampler.generate(prompts, n)  # compile
         ours, theirs = [], []
@@ -114,7 +114,7 @@ def serve(engine: Engine, requests: list[Request], arrivals: np.ndarray) -> tupl
 
 def arriving_work(tokenizer: CharTokenizer) -> None:
     config = preset_config(FLAGS.arrival_preset)
-    context = config.data.sequence_length
+    context = config.data.context_length
     model = models.create_model(config, tokenizer.vocab_size, nnx.Rngs(0))
     rng = np.random.default_rng(0)
     n = FLAGS.arrivals

@@ -146,7 +146,8 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.INFO)
     workdir = Path(FLAGS.workdir)
     try:
-        rows = sweeps.run_sweep(plan(workdir), workdir, FLAGS.jobs)
+        with cli.StopSignals(cli.interrupt):  # SIGTERM stops it as Ctrl-C does
+            rows = sweeps.run_sweep(plan(workdir), workdir, FLAGS.jobs)
         text = samples(workdir, rows)
     except UserError as e:
         sys.exit(f"error: {e}")

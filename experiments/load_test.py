@@ -186,7 +186,7 @@ def engine_tokens_per_second(workdir: str, bodies: list[dict], repeats: int = 3)
     tokens/s over `repeats` runs after one warm-up run."""
     model, tokenizer, config = quantize.load_model(workdir, "best", FLAGS.quantize)
     model = quantize.for_slots(model, len(bodies))
-    engine = Engine(model, config.data.sequence_length, num_slots=len(bodies))
+    engine = Engine(model, config.data.context_length, num_slots=len(bodies))
     requests = [
         Request(tokenizer.encode(b["prompt"]), b["max_tokens"], seed=i)
         for i, b in enumerate(bodies)

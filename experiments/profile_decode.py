@@ -106,7 +106,7 @@ def main(argv: list[str]) -> None:
     cli.start(argv)
     config = runpy.run_path(str(CONFIGS))["get_config"](FLAGS.preset)
     config.model.dropout_rate = 0.0
-    context = config.data.sequence_length
+    context = config.data.context_length
     model = models.create_model(config, 65, nnx.Rngs(0))
     low, median = dense_ms(config, FLAGS.slots)
     print(f"dense matmuls alone, {FLAGS.slots} rows: {low:.1f} ms (median {median:.1f})")

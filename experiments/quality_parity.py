@@ -46,7 +46,7 @@ def whole_val_loss(workdir: Path) -> float:
     sampler = Sampler.from_workdir(workdir, checkpoint="best")
     config = checkpoints.read_run_config(workdir)
     tokens = sampler.tokenizer.encode(text_files.read_text(config.data))
-    _, val = pipeline.split_tokens(tokens, config.data.val_fraction, config.data.sequence_length)
+    _, val = pipeline.split_tokens(tokens, config.data.val_fraction, config.data.context_length)
     return -float(np.mean(sampler.log_probs(sampler.tokenizer.decode(val))))
 
 
@@ -70,7 +70,8 @@ def main(argv: list[str]) -> None:
     cli.quiet_library_logs()
     workdir = Path(FLAGS.workdir)
     runs = sweeps.expand_grid(FLAGS.config, [f"train.seed={','.join(FLAGS.seeds)}"], FLAGS.set)
-    sweeps.run_sweep(runs, workdir)
+    with cli.StopSignals(cli.interrupt):  # SIGTERM stops it as Ctrl-C does
+        sweeps.run_sweep(runs, workdir)
     rows = []
     for run, seed in zip(runs, FLAGS.seeds, strict=True):
         summary = json.loads((workdir / run.name / checkpoints.SUMMARY_FILE).read_text())

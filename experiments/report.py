@@ -107,7 +107,7 @@ def demo_table() -> str:
 def _model_column(config) -> str:
     m = config.model
     if m.name == "mlp":
-        return f"MLP, {m.context_size}-character window"
+        return f"MLP, {m.window}-character window"
     return "Transformer" + (", RoPE" if m.position == "rope" else "")
 
 
@@ -125,7 +125,7 @@ def presets_table() -> str:
                 "model": _model_column(config),
                 "embedding / hidden / layers (/ heads)": " / ".join(map(str, sizes)),
                 "dropout": m.dropout_rate,
-                "context": config.data.sequence_length,
+                "context": config.data.context_length,
                 "batch": config.train.batch_size,
                 "steps": config.train.num_steps,
                 "learning rate": config.train.learning_rate,

@@ -119,7 +119,7 @@ def train_to_target(config, reference: Reference, target: float, check_every: in
     from charlm_jax.data import batching, pipeline
     from charlm_jax.training import parallel, train
 
-    seq_len = config.data.sequence_length
+    seq_len = config.data.context_length
     dataset = pipeline.load_dataset(config.data)
     mesh = parallel.make_mesh()
     for size in (config.train.batch_size, reference.estimate_batch_size):

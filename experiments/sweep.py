@@ -36,7 +36,8 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.INFO)
     try:
         runs = sweeps.expand_grid(FLAGS.config, FLAGS.sweep, FLAGS.set)
-        rows = sweeps.run_sweep(runs, FLAGS.workdir, FLAGS.jobs)
+        with cli.StopSignals(cli.interrupt):  # SIGTERM stops it as Ctrl-C does
+            rows = sweeps.run_sweep(runs, FLAGS.workdir, FLAGS.jobs)
     except UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

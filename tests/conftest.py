@@ -29,10 +29,10 @@ TINY_MODEL = {
         "model.num_layers": 2,
         "model.num_heads": 4,
     },
-    "mlp": {"model.embedding_dim": 8, "model.hidden_dim": 32, "model.context_size": 4},
+    "mlp": {"model.embedding_dim": 8, "model.hidden_dim": 32, "model.window": 4},
 }
 TINY_TRAIN = {
-    "data.sequence_length": 32,
+    "data.context_length": 32,
     "train.batch_size": 8,
     "train.num_steps": 40,
     "train.warmup_steps": 5,

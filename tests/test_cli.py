@@ -1,11 +1,14 @@
 """End-to-end runs of `python -m charlm_jax.main`, in a subprocess as a user would run it."""
 
 import json
+import signal
 import subprocess
 import sys
 
 import pytest
 from conftest import ROOT, TINY_MODEL, TINY_TRAIN
+
+from charlm_jax import cli
 
 CONFIG = str(ROOT / "configs" / "transformer.py")
 TINY_FLAGS = [f"--config.{k}={v}" for k, v in {**TINY_MODEL["transformer"], **TINY_TRAIN}.items()]
@@ -79,3 +82,34 @@ def test_bad_input_gives_one_line_error(tmp_path, make_args, message):
 def test_unknown_preset_is_a_clear_error(tmp_path):
     result = run_main(f"--workdir={tmp_path}", config=CONFIG + ":huge")
     assert_one_line_error(result, "unknown preset 'huge'")
+
+
+def test_bad_config_field_is_a_one_line_error_before_the_data_is_read(tmp_path):
+    missing = f"--config.data.path={tmp_path / 'missing.txt'}"  # the error if read first
+    result = run_main(
+        f"--workdir={tmp_path / 'run'}", *TINY_FLAGS, "--config.train.schedule=linear", missing
+    )
+    assert_one_line_error(result, "error: unknown train.schedule 'linear'")
+
+
+def test_stop_signals_record_the_first_and_interrupt_on_the_second():
+    previous = signal.getsignal(signal.SIGTERM)
+    with cli.StopSignals() as signals:
+        assert signals.requested() is None
+        signal.raise_signal(signal.SIGTERM)
+        assert signals.requested() == "interrupted by SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_stop_signals_call_the_given_actions():
+    calls = []
+    actions = {
+        "on_stop": lambda name: calls.append(("stop", name)),
+        "on_again": lambda name: calls.append(("again", name)),
+    }
+    with cli.StopSignals(**actions):
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
+            signal.raise_signal(sig)
+    assert calls == [("stop", "SIGTERM"), ("again", "SIGTERM"), ("again", "SIGINT")]

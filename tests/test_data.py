@@ -56,13 +56,13 @@ def test_not_utf8_in_a_large_file_names_the_byte_offset(tmp_path, monkeypatch):
 
 def test_split_by_position():
     tokens = np.arange(1000)
-    train, val = pipeline.split_tokens(tokens, 0.1, sequence_length=16)
+    train, val = pipeline.split_tokens(tokens, 0.1, context_length=16)
     assert train.tolist() == list(range(900)) and val.tolist() == list(range(900, 1000))
 
 
 def test_split_too_short():
     with pytest.raises(UserError, match="data too short: 100 tokens"):
-        pipeline.split_tokens(np.arange(100), 0.1, sequence_length=16)
+        pipeline.split_tokens(np.arange(100), 0.1, context_length=16)
 
 
 def test_sample_batch_targets_are_next_tokens():

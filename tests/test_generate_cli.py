@@ -146,7 +146,7 @@ def test_bpe_model_trains_and_samples(tmp_path):
     text.write_text("ROMEO: to be or not to be, café\nJULIET: that is the question\n" * 50)
     config = tiny_config(
         **{"data.path": str(text), "data.tokenizer": "bpe", "data.vocab_size": 60,
-           "train.num_steps": 20, "data.sequence_length": 16},
+           "train.num_steps": 20, "data.context_length": 16},
     )  # fmt: skip
     summary = train.train_and_evaluate(config, tmp_path / "run")
     assert summary["tokenizer"] == "bpe" and summary["vocab_size"] == 60

@@ -72,9 +72,9 @@ def test_count_params():
     assert models.count_params(model) == models.count_params(nnx.state(model)) == expected
 
 
-def test_mlp_window_is_context_size():
-    """The MLP's prediction at t depends on exactly the last context_size tokens."""
-    model = build("mlp", **{"model.context_size": 3})
+def test_mlp_sees_its_window():
+    """The MLP's prediction at t depends on exactly the last `window` tokens."""
+    model = build("mlp", **{"model.window": 3})
     tokens = jax.random.randint(jax.random.key(2), (1, 10), 0, VOCAB)
     base = np.asarray(model(tokens))
     out = np.asarray(model(tokens.at[:, 4].set((tokens[:, 4] + 1) % VOCAB)))

@@ -28,7 +28,7 @@ VARIANTS = [
 
 def make_sampler(name="transformer", **overrides) -> Sampler:
     tokenizer = CharTokenizer.from_text(TEXT)
-    config = tiny_config(name, **{"data.sequence_length": CONTEXT, **overrides})
+    config = tiny_config(name, **{"data.context_length": CONTEXT, **overrides})
     # A larger init than training's makes the random model's logits far from uniform.
     model = models.create_model(config, tokenizer.vocab_size, nnx.Rngs(7))
     state = nnx.state(model)

@@ -39,7 +39,7 @@ LONG = 50_000  # tokens: a request that lasts until it is stopped
 
 def random_workdir(path):
     """A workdir holding a tiny Transformer with random weights (checkpoint step 1)."""
-    config = tiny_config(**{"data.sequence_length": 16})  # fewer prefill shapes to compile
+    config = tiny_config(**{"data.context_length": 16})  # fewer prefill shapes to compile
     tokenizer = CharTokenizer.from_text(TEXT)
     model = models.create_model(config, tokenizer.vocab_size, nnx.Rngs(0))
     with checkpoints.open_manager(path) as manager:

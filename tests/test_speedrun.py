@@ -19,7 +19,7 @@ from charlm_jax.model import models
 from charlm_jax.training import optimizers, train
 
 TINY = [f"--set={k}={v}" for k, v in TINY_MODEL["transformer"].items()] + [
-    "--set=data.sequence_length=32",
+    "--set=data.context_length=32",
     "--set=train.batch_size=8",
     "--set=train.learning_rate=3e-3",
     "--set=train.warmup_steps=5",

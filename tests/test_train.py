@@ -231,3 +231,28 @@ def test_time_budget_schedule_decays_to_the_estimated_end(tmp_path, text_file, m
     decay = round(config.train.decay_fraction * end)
     assert lrs[end - decay] == pytest.approx(config.train.learning_rate)  # the last held
     assert lrs[end] < lrs[end - 1] < config.train.learning_rate
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"model.name": "rnn"}, "unknown model.name 'rnn'"),
+        ({"model.position": "sinusoid"}, "unknown model.position 'sinusoid'"),
+        ({"data.tokenizer": "wordpiece"}, "data.tokenizer must be one of .*, got 'wordpiece'"),
+        ({"data.context_length": 0}, "data.context_length must be positive, got 0"),
+        ({"data.val_fraction": 1.0}, r"data.val_fraction must be in \(0, 1\), got 1.0"),
+        ({"train.optimizer": "sgd"}, "unknown train.optimizer 'sgd'"),
+        ({"train.schedule": "linear"}, "unknown train.schedule 'linear'"),
+        ({"train.schedule": "wsd", "train.decay_fraction": 0.0}, "train.decay_fraction must be"),
+        ({"train.warmup_steps": -1}, "train.warmup_steps must be >= 0, got -1"),
+        ({"train.eval_every": 0}, "train.eval_every must be positive, got 0"),
+    ],
+)
+def test_bad_fields_are_refused_before_any_data_is_read(tmp_path, monkeypatch, overrides, message):
+    def read(*args, **kwargs):
+        raise AssertionError("the corpus was read")
+
+    monkeypatch.setattr(pipeline, "open_corpus", read)
+    with pytest.raises(UserError, match=message):
+        train.train_and_evaluate(tiny_config(**overrides), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -21,67 +21,65 @@ def step_keys(key: jax.Array, step: jax.Array | int) -> tuple[jax.Array, jax.Arr
 
 
 def batch_starts(
-    key: jax.Array, num_tokens: int, batch_size: int, sequence_length: int
+    key: jax.Array, num_tokens: int, batch_size: int, context_length: int
 ) -> jax.Array:
-    """The first positions of `batch_size` random windows of `sequence_length + 1` tokens."""
-    return jax.random.randint(key, (batch_size,), 0, num_tokens - sequence_length)
+    """The first positions of `batch_size` random windows of `context_length + 1` tokens."""
+    return jax.random.randint(key, (batch_size,), 0, num_tokens - context_length)
 
 
 def sample_batch(
-    tokens: jax.Array, key: jax.Array, batch_size: int, sequence_length: int
+    tokens: jax.Array, key: jax.Array, batch_size: int, context_length: int
 ) -> tuple[jax.Array, jax.Array]:
     """Draws `batch_size` random windows of `tokens`: inputs and next-token targets.
 
     Jittable: with `tokens` already on the device, the host does no per-step work.
     """
-    starts = batch_starts(key, tokens.shape[0], batch_size, sequence_length)
-    windows = jax.vmap(lambda s: jax.lax.dynamic_slice(tokens, (s,), (sequence_length + 1,)))(
-        starts
-    )
+    starts = batch_starts(key, tokens.shape[0], batch_size, context_length)
+    windows = jax.vmap(lambda s: jax.lax.dynamic_slice(tokens, (s,), (context_length + 1,)))(starts)
     return windows[:, :-1], windows[:, 1:]
 
 
 _jitted_batch_starts = jax.jit(batch_starts, static_argnums=(1, 2, 3))
 
 
-def _windows(tokens: np.ndarray, starts: np.ndarray, sequence_length: int) -> tuple:
+def _windows(tokens: np.ndarray, starts: np.ndarray, context_length: int) -> tuple:
     """Inputs and targets of the windows at `starts` (any shape), gathered on the host."""
-    offsets = np.arange(sequence_length + 1)
+    offsets = np.arange(context_length + 1)
     windows = tokens[starts[..., None] + offsets].astype(np.int32)
     return windows[..., :-1], windows[..., 1:]
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _step_batch_starts(key, step, num_tokens, batch_size, sequence_length) -> jax.Array:
+def _step_batch_starts(key, step, num_tokens, batch_size, context_length) -> jax.Array:
     """`batch_starts` of training step `step`: one call, the keys derived inside."""
-    return batch_starts(step_keys(key, step)[0], num_tokens, batch_size, sequence_length)
+    return batch_starts(step_keys(key, step)[0], num_tokens, batch_size, context_length)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _eval_batch_starts(key, num_tokens, batch_size, sequence_length, num_batches) -> jax.Array:
+def _eval_batch_starts(key, num_tokens, batch_size, context_length, num_batches) -> jax.Array:
     """(num_batches, batch_size) window starts, batch i drawn from `fold_in(key, i)`."""
     return jax.vmap(
-        lambda i: batch_starts(jax.random.fold_in(key, i), num_tokens, batch_size, sequence_length)
+        lambda i: batch_starts(jax.random.fold_in(key, i), num_tokens, batch_size, context_length)
     )(np.arange(num_batches))
 
 
 def sample_batch_numpy(
-    tokens: np.ndarray, key: jax.Array, batch_size: int, sequence_length: int
+    tokens: np.ndarray, key: jax.Array, batch_size: int, context_length: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """`sample_batch` on the host: the same windows for the same key, gathered from a
     (memory-mapped) array with numpy, as int32."""
-    starts = _jitted_batch_starts(key, len(tokens), batch_size, sequence_length)
-    return _windows(tokens, np.asarray(starts), sequence_length)
+    starts = _jitted_batch_starts(key, len(tokens), batch_size, context_length)
+    return _windows(tokens, np.asarray(starts), context_length)
 
 
 def eval_batches_numpy(
-    tokens: np.ndarray, key: jax.Array, batch_size: int, sequence_length: int, num_batches: int
+    tokens: np.ndarray, key: jax.Array, batch_size: int, context_length: int, num_batches: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs and targets (num_batches, batch_size, sequence_length) of the batches drawn from
+    """Inputs and targets (num_batches, batch_size, context_length) of the batches drawn from
     `fold_in(key, i)` for i < `num_batches` (evaluation's fixed batches): one device call
     draws every window's start."""
-    starts = _eval_batch_starts(key, len(tokens), batch_size, sequence_length, num_batches)
-    return _windows(tokens, np.asarray(starts), sequence_length)
+    starts = _eval_batch_starts(key, len(tokens), batch_size, context_length, num_batches)
+    return _windows(tokens, np.asarray(starts), context_length)
 
 
 class PrefetchedBatches:
@@ -95,21 +93,21 @@ class PrefetchedBatches:
         tokens: np.ndarray,
         key: jax.Array,
         batch_size: int,
-        sequence_length: int,
+        context_length: int,
         start_step: int,
         sharding: jax.sharding.Sharding | None = None,
     ):
         self._queue: queue.Queue = queue.Queue(PREFETCH_BATCHES)
         self._stop = threading.Event()
-        args = (tokens, key, batch_size, sequence_length, start_step, sharding)
+        args = (tokens, key, batch_size, context_length, start_step, sharding)
         self._thread = threading.Thread(target=self._fill, args=args, daemon=True)
         self._thread.start()
 
-    def _fill(self, tokens, key, batch_size, sequence_length, step, sharding):
+    def _fill(self, tokens, key, batch_size, context_length, step, sharding):
         try:
             while not self._stop.is_set():
-                starts = _step_batch_starts(key, step, len(tokens), batch_size, sequence_length)
-                batch = _windows(tokens, np.asarray(starts), sequence_length)
+                starts = _step_batch_starts(key, step, len(tokens), batch_size, context_length)
+                batch = _windows(tokens, np.asarray(starts), context_length)
                 self._put(jax.device_put(batch, sharding))
                 step += 1
         except Exception as e:  # raised in the consumer by __next__

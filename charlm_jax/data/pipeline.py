@@ -16,12 +16,13 @@ from charlm_jax.data.text_files import (
     data_file,
     read_text,
 )
-from charlm_jax.data.tokenizers import Tokenizer, create_tokenizer
+from charlm_jax.data.tokenizers import BpeTokenizer, CharTokenizer, Tokenizer, create_tokenizer
 from charlm_jax.errors import UserError
 
 CHUNK_TOKENS = 1 << 22  # token arrays are scanned on the host in chunks of this many
 SOURCES = ("file", "tfds")
 BATCHES = ("auto", "device", "host")
+TOKENIZERS = (CharTokenizer.kind, BpeTokenizer.kind)
 
 
 class Dataset(NamedTuple):
@@ -35,17 +36,22 @@ class Dataset(NamedTuple):
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raises UserError naming the first `data` field (of `config`, the `data` section) that
-    is not one of its choices; nothing is read."""
+    """Raises UserError naming the first field of `config` (the `data` section) that no data
+    can be loaded with: a choice that is not one, or a size out of range. Nothing is read."""
     check_choice(config, "source", SOURCES)
     check_choice(config, "decode_errors", DECODE_ERRORS)
     check_choice(config, "batches", BATCHES)
+    check_choice(config, "tokenizer", TOKENIZERS)
+    if config.context_length < 1:
+        raise UserError(f"data.context_length must be positive, got {config.context_length}")
+    if not 0.0 < config.val_fraction < 1.0:
+        raise UserError(f"data.val_fraction must be in (0, 1), got {config.val_fraction}")
 
 
 def open_corpus(config: ml_collections.ConfigDict) -> TextCorpus | FileCorpus:
-    """The corpus `config` (the `data` section) names: a TFDS dataset, the embedded tiny
-    Shakespeare, a text file, or a file over `memmap_above_mb` read through a token cache."""
-    check_choice(config, "source", SOURCES)
+    """The corpus `config` (the `data` section, checked by `check_config`) names: a TFDS
+    dataset, the embedded tiny Shakespeare, a text file, or a file over `memmap_above_mb`
+    read through a token cache."""
     if config.source == "tfds":
         from charlm_jax.data import tfds_text  # imports tensorflow_datasets (seconds): only if used
 
@@ -60,32 +66,32 @@ def open_corpus(config: ml_collections.ConfigDict) -> TextCorpus | FileCorpus:
 def load_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None) -> Dataset:
     """The corpus of `config` (the `data` section), tokenized by `tokenizer` (None: a new one
     the config names, built from the corpus; BPE learns from the training part only), and
-    split into at least one window of `sequence_length + 1` tokens each."""
+    split into at least one window of `context_length + 1` tokens each."""
     corpus = open_corpus(config)
     if tokenizer is None:
         train_part = corpus.chunks(1.0 - config.val_fraction)
         tokenizer = create_tokenizer(config, corpus.chunks(), train_part)
     tokens = corpus.tokens(tokenizer)
-    train, val = split_tokens(tokens, config.val_fraction, config.sequence_length)
+    train, val = split_tokens(tokens, config.val_fraction, config.context_length)
     return Dataset(
         tokenizer, train, val, chars_per_token(tokenizer, val), batches_on_device(config, tokens)
     )
 
 
 def split_tokens(
-    tokens: np.ndarray, val_fraction: float, sequence_length: int
+    tokens: np.ndarray, val_fraction: float, context_length: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Splits by position: the first (1 - val_fraction) for training, the rest for validation.
 
-    Both parts must hold at least one window of `sequence_length + 1` tokens.
+    Both parts must hold at least one window of `context_length + 1` tokens.
     """
     n_train = int(len(tokens) * (1.0 - val_fraction))
     train, val = tokens[:n_train], tokens[n_train:]
-    need = sequence_length + 1
+    need = context_length + 1
     if len(train) < need or len(val) < need:
         raise UserError(
             f"data too short: {len(tokens)} tokens give {len(train)} for training and "
-            f"{len(val)} for validation; each needs at least sequence_length + 1 = {need}"
+            f"{len(val)} for validation; each needs at least data.context_length + 1 = {need}"
         )
     return train, val
 
@@ -104,7 +110,6 @@ def chars_per_token(tokenizer: Tokenizer, tokens: np.ndarray) -> float:
 def batches_on_device(config: ml_collections.ConfigDict, tokens: np.ndarray) -> bool:
     """Whether to keep `tokens` on the device and draw batches there (`batches` "auto": all
     but memory-mapped corpora) rather than on the host."""
-    check_choice(config, "batches", BATCHES)
     if config.batches == "auto":
         return not isinstance(tokens, np.memmap)
     return config.batches == "device"

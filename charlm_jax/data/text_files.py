@@ -126,9 +126,12 @@ class FileCorpus:
         decoder = codecs.getincrementaldecoder("utf-8")(self.errors)
         carry, offset = "", 0
         bar = tqdm.tqdm(
-            total=limit, unit="B", unit_scale=True, desc=f"tokenizing {self.path.name}",
+            total=limit,
+            unit="B",
+            unit_scale=True,
+            desc=f"tokenizing {self.path.name}",
             disable=None if progress else True,
-        )  # fmt: skip
+        )
         with bar, self.path.open("rb") as f:
             while offset < limit:
                 data = f.read(min(CHUNK_BYTES, limit - offset))

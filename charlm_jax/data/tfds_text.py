@@ -108,9 +108,12 @@ def local_builder(config: ml_collections.ConfigDict) -> LocalText:
 
     def make() -> LocalText:
         return LocalText(
-            files=files, decode_errors=config.decode_errors, config=builder_config,
-            data_dir=_data_dir(config), file_format="array_record",
-        )  # fmt: skip
+            files=files,
+            decode_errors=config.decode_errors,
+            config=builder_config,
+            data_dir=_data_dir(config),
+            file_format="array_record",
+        )
 
     builder = make()
     if builder.is_prepared() and builder.info.metadata["sources"] != builder.fingerprint():
@@ -172,9 +175,10 @@ def read_tfds_text(config: ml_collections.ConfigDict) -> str:
         raise UserError("data.source=tfds needs data.tfds_name")
     builder = local_builder(config) if config.path else catalog_builder(config)
     text_features = [
-        name for name, feature in builder.info.features.items()
+        name
+        for name, feature in builder.info.features.items()
         if isinstance(feature, tfds.features.Text)
-    ]  # fmt: skip
+    ]
     if len(text_features) != 1:
         raise UserError(
             f"TFDS dataset {config.tfds_name!r} has no single text feature "

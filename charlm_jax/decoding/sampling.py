@@ -197,7 +197,7 @@ class Sampler:
         """Loads a trained workdir; `checkpoint` is "best", "latest" or a step number;
         `quantize` "int8" runs the dense layers as int8 dots (charlm_jax/quantize.py)."""
         model, tokenizer, config = quantization.load_model(workdir, checkpoint, quantize)
-        return cls(model, tokenizer, config.data.sequence_length)
+        return cls(model, tokenizer, config.data.context_length)
 
     def engine(self, rows: int, steps_per_call: int | None = None) -> Engine:
         """The engine this Sampler decodes `rows` prompts with: min(MAX_SLOTS, the next power

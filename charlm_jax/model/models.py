@@ -4,14 +4,14 @@ Both map int32 tokens of shape (batch, time) to logits of shape (batch, time, vo
 logits at position t depend only on tokens 0..t.
 
 - `MLP`: Bengio et al. (2003) / makemore. Each position sees the embeddings of the last
-  `context_size` characters (itself included), concatenated, through tanh hidden layers.
+  `window` characters (itself included), concatenated, through tanh hidden layers.
 - `Transformer`: a decoder-only GPT (nanoGPT's layout): token (+ learned position)
   embeddings, pre-norm blocks of causal self-attention and an MLP, a final norm, and an
   output head tied to the token embedding. Positions may instead be rotary (RoPE).
 
-Each is configured by one frozen dataclass (`MLPConfig`, `TransformerConfig`) that
-`create_model` builds from `config.model`; both implement `CachedDecoder`, the interface the
-sampler decodes through.
+Each is configured by one frozen dataclass (`MLPConfig`, `TransformerConfig`, in
+`model/config.py`) that `create_model` builds from `config.model`; both implement
+`CachedDecoder`, the interface the sampler decodes through.
 """
 
 from __future__ import annotations
@@ -24,88 +24,21 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from charlm_jax.errors import UserError
+from charlm_jax.model.config import (
+    CONFIG_CLASSES,
+    DTYPE_FIELDS,
+    INIT_STD,
+    MLPConfig,
+    TransformerConfig,
+    section_fields,
+)
 from charlm_jax.model.random_bits import hashed_uniform_bits
 
-INIT_STD = 0.02  # GPT-2 / nanoGPT initialisation
 QUERY_BLOCK = 128  # full-sequence attention runs in blocks of this many queries
-ACTIVATIONS = ("gelu", "relu2")
-ATTENTIONS = ("xla", "dot_product")
 KV_BLOCK = 64  # columns per block of a KV cache (decoding skips the blocks nobody sees)
-
-
-@dataclasses.dataclass(frozen=True)
-class MLPConfig:
-    """The MLP's hyperparameters (`config.model` of configs/mlp.py, plus the vocabulary)."""
-
-    vocab_size: int
-    context_size: int
-    embedding_dim: int
-    hidden_dim: int
-    num_layers: int
-    dropout_rate: float = 0.0
-    dtype: np.dtype = np.dtype("float32")  # compute dtype of the matmuls
-    param_dtype: np.dtype = np.dtype("float32")
-
-
-@dataclasses.dataclass(frozen=True)
-class TransformerConfig:
-    """The Transformer's hyperparameters (`config.model` of configs/transformer.py, plus the
-    vocabulary and the context length `max_length`, which is `config.data.sequence_length`).
-    Raises ValueError for values no model can be built from."""
-
-    vocab_size: int
-    max_length: int
-    embedding_dim: int
-    hidden_dim: int  # width of each block's MLP
-    num_layers: int
-    num_heads: int
-    dropout_rate: float = 0.0
-    position: str = "learned"  # "learned" | "rope"
-    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
-    use_bias: bool = False
-    remat: bool = False  # recompute block activations in the backward pass
-    qk_norm: bool = False  # RMS-normalise each head's queries and keys (no learned scale)
-    activation: str = "gelu"  # the MLP's: "gelu" (tanh approximation) | "relu2" (squared ReLU)
-    tie_embeddings: bool = True  # the output head is the token embedding (False: its own)
-    zero_init: bool = False  # projections into the residual stream, and an own head, start at 0
-    logit_softcap: float = 0.0  # > 0: logits = softcap * tanh(logits / softcap)
-    attention: str = "xla"  # "xla" | "dot_product" (jax.nn.dot_product_attention, see below)
-    dtype: np.dtype = np.dtype("float32")  # compute dtype of the blocks' matmuls
-    param_dtype: np.dtype = np.dtype("float32")  # parameters, embeddings, residual stream
-
-    def __post_init__(self):
-        if self.embedding_dim % self.num_heads:
-            raise ValueError(
-                f"model.embedding_dim={self.embedding_dim} is not divisible by "
-                f"num_heads={self.num_heads}"
-            )
-        if self.position not in ("learned", "rope"):
-            raise ValueError(
-                f"unknown model.position {self.position!r}: expected 'learned' or 'rope'"
-            )
-        if self.norm not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"unknown model.norm {self.norm!r}: expected 'layernorm' or 'rmsnorm'")
-        for name, choices in (("activation", ACTIVATIONS), ("attention", ATTENTIONS)):
-            if getattr(self, name) not in choices:
-                raise ValueError(
-                    f"unknown model.{name} {getattr(self, name)!r}: expected one of {choices}"
-                )
-        if self.logit_softcap < 0:
-            raise ValueError(f"model.logit_softcap must be >= 0, got {self.logit_softcap}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.embedding_dim // self.num_heads
-
-    @property
-    def out_std(self) -> float:
-        """Init scale of the projections into the residual stream (GPT-2's 1/sqrt(2 L), or 0
-        with `zero_init`: each block starts as the identity, as in modded-nanogpt)."""
-        return 0.0 if self.zero_init else INIT_STD / math.sqrt(2 * self.num_layers)
 
 
 @runtime_checkable
@@ -158,11 +91,11 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: MLPConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.context_size = cfg.context_size
+        self.window = cfg.window
         self.pad_id = cfg.vocab_size  # an extra embedding row for positions before the text
         dtypes = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.embed = nnx.Embed(cfg.vocab_size + 1, cfg.embedding_dim, rngs=rngs, **dtypes)
-        widths = [cfg.context_size * cfg.embedding_dim] + [cfg.hidden_dim] * cfg.num_layers
+        widths = [cfg.window * cfg.embedding_dim] + [cfg.hidden_dim] * cfg.num_layers
         self.hidden = nnx.List(
             [
                 nnx.Linear(i, o, rngs=rngs, **dtypes)
@@ -175,14 +108,14 @@ class MLP(nnx.Module):
     def __call__(
         self, tokens: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
     ) -> jax.Array:
-        padded = jnp.pad(tokens, ((0, 0), (self.context_size - 1, 0)), constant_values=self.pad_id)
+        padded = jnp.pad(tokens, ((0, 0), (self.window - 1, 0)), constant_values=self.pad_id)
         return self._logits(padded, 0, tokens.shape[1], train=train, rngs=rngs)
 
     def _logits(
         self, padded: jax.Array, start, time: int, *, train: bool, rngs: nnx.Rngs | None
     ) -> jax.Array:
         """Logits for the `time` positions whose windows end at padded[:, start + c - 1 + t]."""
-        batch, c = padded.shape[0], self.context_size
+        batch, c = padded.shape[0], self.window
         # windows[:, t, k] is the token k - (c - 1) places before position t.
         windows = jnp.stack(
             [jax.lax.dynamic_slice_in_dim(padded, start + k, time, axis=1) for k in range(c)],
@@ -204,7 +137,7 @@ class MLP(nnx.Module):
         del positions  # the MLP only sees the window
         cache = write_slots(cache, tokens, slot, axis=1)
         visible = jnp.where(mask[:, -1, :], cache, self.pad_id)  # slots before a row's text
-        padded = jnp.pad(visible, ((0, 0), (self.context_size - 1, 0)), constant_values=self.pad_id)
+        padded = jnp.pad(visible, ((0, 0), (self.window - 1, 0)), constant_values=self.pad_id)
         if jnp.ndim(slot) == 0:
             return self._logits(padded, slot, tokens.shape[1], train=False, rngs=None), cache
         logits = jax.vmap(
@@ -483,7 +416,7 @@ class Transformer(nnx.Module):
         )
         self.embed = embed(cfg.vocab_size, cfg.embedding_dim)
         learned = cfg.position == "learned"
-        self.pos_embed = embed(cfg.max_length, cfg.embedding_dim) if learned else None
+        self.pos_embed = embed(cfg.context_length, cfg.embedding_dim) if learned else None
         self.dropout = Dropout(cfg.dropout_rate)
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = make_norm(cfg, rngs)
@@ -506,9 +439,9 @@ class Transformer(nnx.Module):
         self, tokens: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
     ) -> jax.Array:
         time = tokens.shape[1]
-        if time > self.cfg.max_length:
+        if time > self.cfg.context_length:
             raise ValueError(
-                f"sequence of length {time} exceeds the model's context {self.cfg.max_length}"
+                f"sequence of length {time} exceeds the model's context {self.cfg.context_length}"
             )
         positions = jnp.arange(time)[None]
         mask = jnp.tril(jnp.ones((1, time, time), dtype=bool))
@@ -516,7 +449,7 @@ class Transformer(nnx.Module):
         return logits
 
     def init_cache(self, batch: int, length: int) -> list[KVCache]:
-        """An empty KV cache of `length` slots per layer (length <= max_length)."""
+        """An empty KV cache of `length` slots per layer (length <= context_length)."""
         return [
             KVCache.zeros(batch, self.cfg.num_heads, length, self.cfg.head_dim) for _ in self.blocks
         ]
@@ -558,34 +491,34 @@ class Transformer(nnx.Module):
         return logits.reshape(*tokens.shape, -1), new_cache
 
 
-CONFIG_CLASSES = {"transformer": TransformerConfig, "mlp": MLPConfig}
-
-
 def model_config(
     config: ml_collections.ConfigDict, vocab_size: int
 ) -> TransformerConfig | MLPConfig:
-    """The dataclass of the model `config.model` describes (the Transformer's context length
-    is `config.data.sequence_length`). Raises UserError naming the first bad field."""
-    m = config.model
-    if m.name not in CONFIG_CLASSES:
-        raise UserError(f"unknown model.name {m.name!r}: expected 'transformer' or 'mlp'")
-    cls = CONFIG_CLASSES[m.name]
-    fields = {f.name: m[f.name] for f in dataclasses.fields(cls) if f.name in m}
-    try:
-        fields["dtype"], fields["param_dtype"] = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
-    except TypeError as e:
-        raise UserError(f"bad model.dtype or model.param_dtype: {e}") from None
-    if cls is TransformerConfig:
-        fields["max_length"] = config.data.sequence_length
-    try:
-        return cls(**{**fields, "vocab_size": vocab_size})
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    """The dataclass of the model `config.model` describes: its fields, with the dataclass's
+    defaults for the ones it lacks (a run saved before a field existed), the vocabulary and
+    `config.data.context_length`. Raises UserError naming the first bad field."""
+    fields = dict(config.model)
+    name = fields.pop("name", None)
+    if name not in CONFIG_CLASSES:
+        raise UserError(f"unknown model.name {name!r}: expected one of {tuple(CONFIG_CLASSES)}")
+    cls = CONFIG_CLASSES[name]
+    known = [f.name for f in section_fields(cls)]
+    unknown = [key for key in fields if key not in known]
+    if unknown:
+        raise UserError(f"model.{unknown[0]} is not a field of the {name} model: {known}")
+    for key in [k for k in DTYPE_FIELDS if k in fields]:
+        try:
+            fields[key] = jnp.dtype(fields[key])
+        except TypeError as e:
+            raise UserError(f"bad model.{key}: {e}") from None
+    data = {"vocab_size": vocab_size, "context_length": config.data.context_length}
+    fields.update({f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+    return cls(**fields)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises UserError naming the first `config.model` field no model can be built from
-    (before any data is read: the checks do not depend on the vocabulary)."""
+    (nothing is read: the checks do not depend on the vocabulary)."""
     model_config(config, vocab_size=1)
 
 

@@ -86,7 +86,7 @@ class Service:
         with checkpoints.open_manager(workdir) as manager:
             step = checkpoints.resolve_step(manager, checkpoint)
         engine_ = engine.Engine(
-            quantization.for_slots(model, num_slots), config.data.sequence_length, num_slots
+            quantization.for_slots(model, num_slots), config.data.context_length, num_slots
         )
         info = ModelInfo(Path(workdir).absolute().name, step, quantize)
         return cls(engine_, tokenizer, info, options)

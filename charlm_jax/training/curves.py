@@ -56,11 +56,21 @@ def plot_runs(workdirs: list[str | Path], path: str | Path, include_train: bool 
     for i, workdir in enumerate(workdirs):
         history = read_history(workdir)
         color = f"C{i}"
-        ax.plot(*_series(history, "eval", "val_loss"), "o-", color=color, markersize=3,
-                label=f"{Path(workdir).name} val")  # fmt: skip
+        ax.plot(
+            *_series(history, "eval", "val_loss"),
+            "o-",
+            color=color,
+            markersize=3,
+            label=f"{Path(workdir).name} val",
+        )
         if include_train:
-            ax.plot(*_series(history, "eval", "train_loss"), "--", color=color, alpha=0.6,
-                    label=f"{Path(workdir).name} train")  # fmt: skip
+            ax.plot(
+                *_series(history, "eval", "train_loss"),
+                "--",
+                color=color,
+                alpha=0.6,
+                label=f"{Path(workdir).name} train",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per character)")
     ax.grid(alpha=0.3)

@@ -20,16 +20,25 @@ SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "muon")
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises UserError naming the first field of `config` (the `train` section) that no
+    optimizer or schedule can be built from."""
+    for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+        if config[name] not in choices:
+            raise UserError(f"unknown train.{name} {config[name]!r}: expected one of {choices}")
+    if config.schedule == "wsd" and not 0.0 < config.decay_fraction <= 1.0:
+        raise UserError(f"train.decay_fraction must be in (0, 1], got {config.decay_fraction}")
+    if config.warmup_steps < 0:
+        raise UserError(f"train.warmup_steps must be >= 0, got {config.warmup_steps}")
+
+
 def schedule(config: ml_collections.ConfigDict, peak: float, end: float) -> Callable:
     """`train.schedule` as lr(step, num_steps=train.num_steps): linear warmup to `peak` over
     `train.warmup_steps`, then down to `end` at `num_steps`, by a cosine ("cosine"), or held
     and then decayed linearly over the last `train.decay_fraction` of the steps ("wsd",
     warmup-stable-decay). Pure jnp: both arguments may be traced, so the train step computes
-    it, and a time budget can fix the run's length without recompiling the step."""
-    if config.schedule not in SCHEDULES:
-        raise UserError(f"unknown train.schedule {config.schedule!r}: expected one of {SCHEDULES}")
-    if config.schedule == "wsd" and not 0.0 < config.decay_fraction <= 1.0:
-        raise UserError(f"train.decay_fraction must be in (0, 1], got {config.decay_fraction}")
+    it, and a time budget can fix the run's length without recompiling the step. `config` is
+    the `train` section, checked by `check_config`."""
     warmup = config.warmup_steps
 
     def lr(step: jax.Array | int, num_steps: jax.Array | int = config.num_steps) -> jax.Array:

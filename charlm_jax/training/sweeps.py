@@ -10,7 +10,6 @@ checkpoints. DIR/results.csv and DIR/results.md hold one row per run, best first
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import itertools
 import json
@@ -21,7 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,26 +215,14 @@ class _Launcher:
                 process.send_signal(signal.SIGTERM)
 
 
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """While active (in the main thread), SIGTERM stops the sweep as Ctrl-C does."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_sweep(runs: Sequence[Run], workdir: str | Path, jobs: int = 1) -> list[dict]:
     """Validates every run's config (`load_config`), then trains the unfinished runs (`jobs`
     at a time) and writes the results table and plots. Returns the table's rows, best first.
 
-    A failed run is recorded with its error and the others go on; Ctrl-C stops the running
-    ones (they checkpoint, and resume when the sweep runs again) and raises KeyboardInterrupt
-    after the table is written.
+    A failed run is recorded with its error and the others go on; a KeyboardInterrupt (Ctrl-C,
+    or SIGTERM under `cli.StopSignals(cli.interrupt)`) stops the running ones (they
+    checkpoint, and resume when the sweep runs again) and is raised again after the table is
+    written.
     """
     workdir = Path(workdir)
     if len({run.name for run in runs}) < len(runs):
@@ -264,9 +251,8 @@ def run_sweep(runs: Sequence[Run], workdir: str | Path, jobs: int = 1) -> list[d
 
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))
     try:
-        with _sigterm_interrupts():
-            for future in [pool.submit(train, run) for run in todo]:
-                future.result()
+        for future in [pool.submit(train, run) for run in todo]:
+            future.result()
     except KeyboardInterrupt:
         logging.warning("interrupted: stopping the running runs (they save a checkpoint)")
         launcher.stop()
@@ -286,10 +272,16 @@ def _rows(runs: Sequence[Run], workdir: Path, outcomes: dict[str, tuple[str, str
         summary = {}
         if status == "done":
             summary = json.loads((workdir / run.name / checkpoints.SUMMARY_FILE).read_text())
-        rows.append({
-            "run": run.name, "status": status, **run.swept, "model": summary.get("model"),
-            **{key: summary.get(key) for key in SUMMARY_COLUMNS}, "error": error,
-        })  # fmt: skip
+        rows.append(
+            {
+                "run": run.name,
+                "status": status,
+                **run.swept,
+                "model": summary.get("model"),
+                **{key: summary.get(key) for key in SUMMARY_COLUMNS},
+                "error": error,
+            }
+        )
     return sorted(rows, key=lambda r: r["best_val_loss"] or math.inf)
 
 

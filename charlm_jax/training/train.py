@@ -47,6 +47,14 @@ from charlm_jax.workdir import checkpoints, layout
 LOSS_CURVE_FILE = "loss_curve.png"
 PLOTTING = "charlm_jax.training.curves"  # imported only by runs that draw the loss curve
 BUDGET_TIMING_STEPS = 10  # steps timed, after the first, to fit the schedule to a time budget
+COUNTS = (  # `train` fields that must be at least 1
+    "num_steps",
+    "eval_every",
+    "log_every",
+    "eval_batches",
+    "batch_size",
+    "grad_accum_steps",
+)
 
 
 def create_optimizer(
@@ -57,14 +65,11 @@ def create_optimizer(
     lr(step, num_steps=train.num_steps).
 
     `config` is the `train` section. Its `update` takes `lr_factor=lr(step, num_steps) /
-    train.learning_rate` (the train step passes it). Weight decay applies to matrices and
+    train.learning_rate` (the train step passes it); it is checked by
+    `optimizers.check_config`. Weight decay applies to matrices and
     embeddings only.
     """
     schedule = optimizers.schedule(config, config.learning_rate, config.min_learning_rate)
-    if config.optimizer not in optimizers.OPTIMIZERS:
-        raise UserError(
-            f"unknown train.optimizer {config.optimizer!r}: expected one of {optimizers.OPTIMIZERS}"
-        )
     if config.optimizer == "muon":
         update = optimizers.muon_with_adamw(config)
     else:
@@ -132,7 +137,7 @@ def make_train_step(
     to run), which exact resume needs; it makes GPU steps slower (docs/performance.md).
     No effect on CPUs.
     """
-    batch_size, sequence_length = config.train.batch_size, config.data.sequence_length
+    batch_size, context_length = config.train.batch_size, config.data.context_length
     grad_accum_steps = config.train.grad_accum_steps
     peak = config.train.learning_rate  # the rate the optimizers run at, scaled by the schedule
     schedule = optimizers.schedule(config.train, peak, config.train.min_learning_rate)
@@ -149,7 +154,7 @@ def make_train_step(
         batch_key, dropout_key = batching.step_keys(key, opt.step[...])
         if on_device:
             inputs, targets = batching.sample_batch(
-                batch_data, batch_key, grad_accum_steps * batch_size, sequence_length
+                batch_data, batch_key, grad_accum_steps * batch_size, context_length
             )
         else:
             inputs, targets = batch_data
@@ -213,7 +218,7 @@ def build_training(
 
 def make_eval_step(model_def: nnx.GraphDef, mesh: Mesh) -> Callable:
     """(model_state, (inputs, targets)) -> the mean loss over the batches, jitted: the arrays
-    are (..., num_batches, batch_size, sequence_length), each batch split over the mesh's
+    are (..., num_batches, batch_size, context_length), each batch split over the mesh's
     data axis; a loss per leading index (e.g. both splits' batches stacked: one call
     evaluates both)."""
 
@@ -243,22 +248,18 @@ def evals_without_improvement(val_losses: list[float], min_delta: float) -> int:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises UserError for a config that cannot train, before anything is read: a count or
-    size below 1, a `model` field no model can be built from (an unknown name, position or
-    norm, num_heads not dividing the width, a bad dtype), or a `data` field that is not one
-    of its choices."""
-    tc = config.train
-    sizes = {
-        "train.num_steps": tc.num_steps, "train.eval_every": tc.eval_every,
-        "train.log_every": tc.log_every, "train.eval_batches": tc.eval_batches,
-        "train.batch_size": tc.batch_size, "train.grad_accum_steps": tc.grad_accum_steps,
-        "data.sequence_length": config.data.sequence_length,
-    }  # fmt: skip
-    for name, value in sizes.items():
-        if value < 1:
-            raise UserError(f"{name} must be positive, got {value}")
+    """Raises UserError naming the first field of `config` that cannot train, before anything
+    is read: one check per section (`models.check_config`, `pipeline.check_config`, and the
+    `train` section's counts and `optimizers.check_config`)."""
     models.check_config(config)
     pipeline.check_config(config.data)
+    tc = config.train
+    for name in COUNTS:
+        if tc[name] < 1:
+            raise UserError(f"train.{name} must be positive, got {tc[name]}")
+    if tc.time_budget_s < 0:
+        raise UserError(f"train.time_budget_s must be >= 0 (0: no budget), got {tc.time_budget_s}")
+    optimizers.check_config(tc)
 
 
 def _format_duration(seconds: float) -> str:
@@ -267,7 +268,7 @@ def _format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class _Run:
     """What the loop's helpers share: the prepared run, and the counts it keeps."""
 
@@ -293,7 +294,7 @@ class _Run:
     @property
     def tokens_per_step(self) -> int:
         tc = self.config.train
-        return tc.batch_size * tc.grad_accum_steps * self.config.data.sequence_length
+        return tc.batch_size * tc.grad_accum_steps * self.config.data.context_length
 
     def val_history(self) -> list[float]:
         return [r["val_loss"] for r in self.log.evals()]
@@ -306,7 +307,7 @@ def _with_epochs_as_steps(config: ml_collections.ConfigDict, train_tokens: int):
     if tc.num_epochs <= 0:
         return config
     config = copy.deepcopy(config)
-    tokens_per_step = tc.batch_size * tc.grad_accum_steps * config.data.sequence_length
+    tokens_per_step = tc.batch_size * tc.grad_accum_steps * config.data.context_length
     steps = config.train.num_steps = max(
         1, math.ceil(tc.num_epochs * train_tokens / tokens_per_step)
     )
@@ -320,7 +321,7 @@ def _batch_source(config, dataset: pipeline.Dataset, mesh, start_step: int, keys
     training batches drawn on the host. The evaluation batches are both splits' stacked
     (train, val), on the devices: the same batches at every evaluation, so successive
     losses compare."""
-    tc, seq_len = config.train, config.data.sequence_length
+    tc, seq_len = config.train, config.data.context_length
     data_key, eval_key = keys
     splits = [
         batching.eval_batches_numpy(split, eval_key, tc.batch_size, seq_len, tc.eval_batches)
@@ -362,9 +363,11 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path, closing: contextlib
     )
     num_params = models.count_params(model_state)
     logging.info(
-        "Model %s, %s parameters:\n%s", config.model.name, f"{num_params:,}",
+        "Model %s, %s parameters:\n%s",
+        config.model.name,
+        f"{num_params:,}",
         parameter_overview.get_parameter_overview(nnx.to_pure_dict(model_state)),
-    )  # fmt: skip
+    )
     start_step = 0
     if resuming:
         start_step, model_state, opt_state = checkpoints.restore_latest_good(
@@ -392,15 +395,29 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path, closing: contextlib
 
     # A progress bar on a terminal; log lines otherwise (files, CI).
     progress = tqdm.tqdm(
-        total=config.train.num_steps, initial=start_step, unit="step",
+        total=config.train.num_steps,
+        initial=start_step,
+        unit="step",
         disable=not (is_main and sys.stderr.isatty()),
-    )  # fmt: skip
+    )
     closing.callback(progress.close)
     run = _Run(
-        config, workdir, dataset.tokenizer, dataset.chars_per_token, num_params,
-        start_step, resuming, train_step, evaluate, batches, data_key, manager, log,
-        progress, is_main,
-    )  # fmt: skip
+        config=config,
+        workdir=workdir,
+        tokenizer=dataset.tokenizer,
+        chars_per_token=dataset.chars_per_token,
+        num_params=num_params,
+        start_step=start_step,
+        resumed=resuming,
+        train_step=train_step,
+        evaluate=evaluate,
+        batches=batches,
+        data_key=data_key,
+        manager=manager,
+        log=log,
+        progress=progress,
+        is_main=is_main,
+    )
     return run, model_state, opt_state
 
 

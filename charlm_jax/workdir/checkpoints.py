@@ -20,6 +20,7 @@ from absl import logging
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
+from charlm_jax import config_defaults
 from charlm_jax.data.tokenizers import Tokenizer, load_tokenizer
 from charlm_jax.errors import UserError
 from charlm_jax.model import models
@@ -174,10 +175,10 @@ def save_run_files(workdir: Path, config: ml_collections.ConfigDict, tokenizer) 
 
 
 def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    """The config saved in DIR/config.json."""
+    """The config saved in DIR/config.json, in today's terms (`config_defaults.upgrade`)."""
     path = Path(workdir) / CONFIG_FILE
     try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
+        return config_defaults.upgrade(json.loads(path.read_text()))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the run's config {path}: {e}") from None
 

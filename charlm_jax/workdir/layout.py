@@ -14,7 +14,7 @@ from charlm_jax.errors import UserError
 from charlm_jax.workdir import checkpoints
 
 # Fields that must match to resume from a workdir's checkpoints (the state's shapes).
-RESUME_FIELDS = ("model.", "data.sequence_length")
+RESUME_FIELDS = ("model.", "data.context_length")
 RESUME_FREE = ("model.dtype", "model.remat")  # how the model computes, not what it holds
 
 
