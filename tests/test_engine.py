@@ -2,10 +2,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_quantize import int8_dots
 from test_sampling import CONTEXT, VARIANTS, greedy_reference, make_sampler
 
+from charlm_jax import quantize
 from charlm_jax.decoding import engine as engine_lib
 from charlm_jax.decoding.engine import Engine, EngineFull, Request, stop_position
+from charlm_jax.decoding.sampling import Sampler
 from charlm_jax.model import models
 
 STEPS = 8  # tokens per engine call in these tests
@@ -239,3 +242,25 @@ def test_prefill_batch_invariance(sampler, monkeypatch):
         # XLA:CPU rounds a matmul's rows differently with their number: a few ulps here.
         for field in ("logprobs", "top_logprobs"):
             np.testing.assert_allclose(joined(outputs, field), joined(results[0], field), atol=1e-5)
+
+
+def test_int8_engine_decodes_through_int8_dots(sampler):
+    """At 8 slots (quantize.MIN_ROWS) the Sampler's engine for an int8 model keeps it int8:
+    its compiled decode call runs int8 dots, its log-probabilities are within 0.1 nats of
+    float32's and its greedy tokens agree with them."""
+    quantized = Sampler(quantize.quantize_model(sampler.model), sampler.tokenizer, CONTEXT)
+    int8, float32 = quantized.engine(8, STEPS), sampler.engine(8, STEPS)
+
+    def dots(engine):
+        args = (engine.weights, engine._state, np.zeros(8, bool))
+        return int8_dots(engine._step.lower(*args).compile().as_text())
+
+    assert dots(int8) == 9 and dots(float32) == 0  # 2 blocks x (qkv, out, up, down) + head
+    prompts = ["ab", "klm", "hij\n", "a b c", "nop", "defg", "j", "bcd efg"]
+    requests = [Request(sampler.tokenizer.encode(p), STEPS, temperature=0) for p in prompts]
+    want, got = (dict(o for step in e.generate(requests) for o in step) for e in (float32, int8))
+    for i in range(len(prompts)):
+        np.testing.assert_array_equal(got[i].tokens, want[i].tokens)
+        for field in ("logprobs", "top_logprobs"):
+            np.testing.assert_allclose(getattr(got[i], field), getattr(want[i], field), atol=0.1)
+    assert not np.array_equal(got[0].top_logprobs, want[0].top_logprobs)  # int8 did run
