@@ -15,10 +15,11 @@ same `prefill` as `insert` (positions then count from the kept text's start), at
 the next `step`.
 
 Exactness: every computation on a slot reads only that slot's rows, and its noise comes from
-its own seed and counter, so a request gives the same tokens in any slot, beside any
-neighbours, inserted at any time, prefilled alone or in a batch (tests/test_engine.py).
-Prefills are batched by length bucket; a prefill's padding sits after the prompt, where
-causal attention never looks.
+its own seed and counter, so a request gives the same bits in any slot, beside any
+neighbours, inserted at any time (tests/test_engine.py). Prefills are batched by length
+bucket; a prefill's padding sits after the prompt, where causal attention never looks.
+Prefilled alone or in a batch, a request gives the same tokens, its log-probabilities equal
+up to float rounding (XLA:CPU rounds a matmul's rows differently with their number).
 
 The model-level pieces, `prefill` (windows into a new cache) and `append` (one token per cache
 row), are pure functions: the engine's jitted calls and beam search (decoding/beam.py) are
