@@ -251,11 +251,9 @@ def test_int8_engine_decodes_through_int8_dots(sampler):
     quantized = Sampler(quantize.quantize_model(sampler.model), sampler.tokenizer, CONTEXT)
     int8, float32 = quantized.engine(8, STEPS), sampler.engine(8, STEPS)
 
-    def dots(engine):
-        args = (engine.weights, engine._state, np.zeros(8, bool))
-        return int8_dots(engine._step.lower(*args).compile().as_text())
-
-    assert dots(int8) == 9 and dots(float32) == 0  # 2 blocks x (qkv, out, up, down) + head
+    args = (int8.weights, int8._state, np.zeros(8, bool))
+    hlo = int8._step.lower(*args).compile().as_text()
+    assert int8_dots(hlo) == 9  # 2 blocks x (qkv, out, up, down) + the head
     prompts = ["ab", "klm", "hij\n", "a b c", "nop", "defg", "j", "bcd efg"]
     requests = [Request(sampler.tokenizer.encode(p), STEPS, temperature=0) for p in prompts]
     want, got = (dict(o for step in e.generate(requests) for o in step) for e in (float32, int8))
