@@ -250,12 +250,12 @@ def test_int8_engine_decodes_through_int8_dots(sampler):
     float32's and its greedy tokens agree with them."""
     quantized = Sampler(quantize.quantize_model(sampler.model), sampler.tokenizer, CONTEXT)
     int8, float32 = quantized.engine(8, STEPS), sampler.engine(8, STEPS)
-
     args = (int8.weights, int8._state, np.zeros(8, bool))
     hlo = int8._step.lower(*args).compile().as_text()
     assert int8_dots(hlo) == 9  # 2 blocks x (qkv, out, up, down) + the head
     prompts = ["ab", "klm", "hij\n", "a b c", "nop", "defg", "j", "bcd efg"]
     requests = [Request(sampler.tokenizer.encode(p), STEPS, temperature=0) for p in prompts]
+    # STEPS tokens each: every request's output comes from one call.
     want, got = (dict(o for step in e.generate(requests) for o in step) for e in (float32, int8))
     for i in range(len(prompts)):
         np.testing.assert_array_equal(got[i].tokens, want[i].tokens)
