@@ -1,11 +1,18 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_quantize import int8_dots
 from test_sampling import CONTEXT, VARIANTS, greedy_reference, make_sampler
 
+from charlm_jax import quantize
+from charlm_jax.decoding import engine as engine_lib
 from charlm_jax.decoding.engine import Engine, EngineFull, Request, stop_position
+from charlm_jax.decoding.sampling import Sampler
+from charlm_jax.model import models
 
 STEPS = 8  # tokens per engine call in these tests
+LONG = 3 * models.KV_BLOCK  # a context of three cache blocks
 
 
 def run_alone(engine: Engine, request: Request):
@@ -37,18 +44,22 @@ def test_greedy_equals_full_recomputation_across_refills(name, overrides):
     engine = Engine(sampler.model, CONTEXT, num_slots=2, steps_per_call=STEPS)
     prompt, steps = "abc def", 3 * CONTEXT  # several rebuilds of the window
     outputs = run_alone(engine, Request(sampler.tokenizer.encode(prompt), steps, temperature=0))
-    expected, ref_logits = greedy_reference(sampler, prompt, steps)
-    assert sampler.tokenizer.decode(joined(outputs)) == expected
-    # The log-probabilities of every step: from the prefills, the cache and the rebuilds.
-    ref_logp = jax.nn.log_softmax(np.stack(ref_logits))
+    assert_equals_recomputation(sampler, outputs, greedy_reference(sampler, prompt, steps))
+    assert outputs[-1].finished and not any(o.finished for o in outputs[:-1])
+    assert engine.free_slots() == [0, 1]
+
+
+def assert_equals_recomputation(sampler, outputs, reference):
+    """The tokens and log-probabilities of every step (from the prefills, the cache and the
+    rebuilds) equal those of the full forward pass over each step's window."""
+    assert sampler.tokenizer.decode(joined(outputs)) == reference.text
+    ref_logp = jax.nn.log_softmax(np.stack(reference.logits))
     tokens = joined(outputs)
     np.testing.assert_allclose(
-        joined(outputs, "logprobs"), ref_logp[np.arange(steps), tokens], atol=1e-4
+        joined(outputs, "logprobs"), ref_logp[np.arange(len(tokens)), tokens], atol=1e-4
     )
     top = joined(outputs, "top_logprobs")
     np.testing.assert_allclose(top, -np.sort(-ref_logp, axis=1)[:, : top.shape[1]], atol=1e-4)
-    assert outputs[-1].finished and not any(o.finished for o in outputs[:-1])
-    assert engine.free_slots() == [0, 1]
 
 
 def test_a_request_decodes_the_same_in_any_slot_beside_anything(sampler, engine):
@@ -136,3 +147,118 @@ def test_bad_input(sampler):
 def test_stop_position():
     assert stop_position("abc\n\nde", ["\n\n", "c"]) == 2
     assert stop_position("abc", ["x", ""]) is None
+
+
+@pytest.fixture(scope="module")
+def long_sampler():
+    return make_sampler(context=LONG)
+
+
+@pytest.fixture(scope="module")
+def long_engine(long_sampler):
+    return Engine(long_sampler.model, LONG, num_slots=4, steps_per_call=16)
+
+
+def test_long_context_greedy_equals_recomputation_in_every_block(long_sampler, long_engine):
+    steps = LONG + LONG // 2 + 20  # two rebuilds of the window
+    request = Request(long_sampler.tokenizer.encode("ab"), steps, temperature=0)
+    reference = greedy_reference(long_sampler, "ab", steps)
+    # The windows end in every cache block, before and after the rebuilds.
+    blocks = [(n - 1) // models.KV_BLOCK for n in reference.lengths]
+    assert set(blocks) == {0, 1, 2} and set(blocks[LONG:]) == {1, 2}
+    assert_equals_recomputation(long_sampler, run_alone(long_engine, request), reference)
+
+
+def test_long_context_request_beside_others_equals_it_alone(long_sampler, long_engine):
+    encode = long_sampler.tokenizer.encode
+    # Alone, its window stays in block 0 or 1: the blocks after it are skipped.
+    target = Request(encode("klm"), 100, temperature=0.9, top_k=5, top_p=0.9, seed=11)
+    alone = run_alone(long_engine, target)
+    others = [  # windows in block 2, filling and rebuilt, and in block 0
+        Request(encode("ab" * 80), 60, temperature=1.0, seed=1),
+        Request(encode("j" * (LONG - 20)), 3 * LONG, temperature=0.0),
+        Request(encode("no"), 40, temperature=0.5, top_p=0.5, seed=2),
+    ]
+    for other in others:
+        long_engine.insert(other)
+    long_engine.step()
+    assert long_engine.insert(target) == 3
+    beside = []
+    while 3 in long_engine.active_slots():
+        beside += [o for o in long_engine.step() if o.slot == 3]
+    for field in ("tokens", "logprobs", "top_ids", "top_logprobs"):
+        np.testing.assert_array_equal(joined(beside, field), joined(alone, field))
+    for slot in long_engine.active_slots():
+        long_engine.free(slot)
+
+
+def test_a_block_skipped_for_every_row_equals_it_computed_fully_masked(long_sampler):
+    """Rows 0-2 see only block 0 (1, 3 and 41 columns). Beside a row 3 that sees as
+    little, blocks 1 and 2 are skipped (nobody sees them); beside a row 3 that sees all
+    three, they are computed with rows 0-2's mask all False there. Rows 0-2's logits must
+    have the same bits either way."""
+    model, vocab = long_sampler.model, long_sampler.tokenizer.vocab_size
+    tokens = jax.random.randint(jax.random.key(0), (4, LONG), 0, vocab)
+    _, cache = engine_lib.prefill(model, tokens, jnp.full(4, LONG), LONG)
+    step = jax.jit(lambda c, lengths: engine_lib.append(model, c, tokens[:, -1], lengths, LONG)[0])
+    skipped = step(cache, jnp.array([0, 2, 40, 30]))
+    computed = step(cache, jnp.array([0, 2, 40, LONG - 1]))
+    np.testing.assert_array_equal(skipped[:3], computed[:3])
+    assert not np.array_equal(skipped[3], computed[3])  # row 3 did see more
+
+
+def test_prefill_batch_invariance(sampler, monkeypatch):
+    """A request prefilled alone, in a batch of 4 and in a batch of 16 gives the same
+    tokens (and log-probabilities up to float rounding)."""
+    engine = Engine(sampler.model, CONTEXT, num_slots=16, steps_per_call=STEPS)
+    rng = np.random.default_rng(0)
+    vocab = sampler.tokenizer.vocab_size
+    # Prompts of 9-16 tokens share the prefill width 16: each batch is one prefill call,
+    # and no window fills the context (no rebuild).
+    target = Request(rng.integers(0, vocab, 11), 12, temperature=1.0, top_k=4, seed=5)
+    others = [
+        Request(rng.integers(0, vocab, 9 + i % 8), 12, temperature=i % 3 / 2, seed=i)
+        for i in range(15)
+    ]
+    rows, prefill = [], engine._prefill
+
+    def counting_prefill(weights, state, index, *args):
+        rows.append(len(index))
+        return prefill(weights, state, index, *args)
+
+    monkeypatch.setattr(engine, "_prefill", counting_prefill)
+    results = []
+    for batch in (0, 3, 15):
+        for request in [*others[:batch], target]:
+            engine.insert(request)
+        outputs = []
+        while engine.active_slots():
+            outputs += [o for o in engine.step() if o.slot == batch]
+        results.append(outputs)
+    assert rows == [1, 4, 16]
+    for outputs in results[1:]:
+        for field in ("tokens", "top_ids"):
+            np.testing.assert_array_equal(joined(outputs, field), joined(results[0], field))
+        # XLA:CPU rounds a matmul's rows differently with their number: a few ulps here.
+        for field in ("logprobs", "top_logprobs"):
+            np.testing.assert_allclose(joined(outputs, field), joined(results[0], field), atol=1e-5)
+
+
+def test_int8_engine_decodes_through_int8_dots(sampler):
+    """At 8 slots (quantize.MIN_ROWS) the Sampler's engine for an int8 model keeps it int8:
+    its compiled decode call runs int8 dots, its log-probabilities are within 0.1 nats of
+    float32's and its greedy tokens agree with them."""
+    quantized = Sampler(quantize.quantize_model(sampler.model), sampler.tokenizer, CONTEXT)
+    int8, float32 = quantized.engine(8, STEPS), sampler.engine(8, STEPS)
+    args = (int8.weights, int8._state, np.zeros(8, bool))
+    hlo = int8._step.lower(*args).compile().as_text()
+    assert int8_dots(hlo) == 9  # 2 blocks x (qkv, out, up, down) + the head
+    prompts = ["ab", "klm", "hij\n", "a b c", "nop", "defg", "j", "bcd efg"]
+    requests = [Request(sampler.tokenizer.encode(p), STEPS, temperature=0) for p in prompts]
+    # STEPS tokens each: every request's output comes from one call.
+    want, got = (dict(o for step in e.generate(requests) for o in step) for e in (float32, int8))
+    for i in range(len(prompts)):
+        np.testing.assert_array_equal(got[i].tokens, want[i].tokens)
+        for field in ("logprobs", "top_logprobs"):
+            np.testing.assert_allclose(getattr(got[i], field), getattr(want[i], field), atol=0.1)
+    assert not np.array_equal(got[0].top_logprobs, want[0].top_logprobs)  # int8 did run

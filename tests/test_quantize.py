@@ -14,7 +14,8 @@ from flax import nnx
 from test_cli import assert_one_line_error
 
 from charlm_jax import quantize
-from charlm_jax.decoding.sampling import Sampler, prefill
+from charlm_jax.decoding import engine
+from charlm_jax.decoding.sampling import Sampler
 from charlm_jax.model import models
 from charlm_jax.training import train
 from charlm_jax.workdir import checkpoints
@@ -54,15 +55,20 @@ def test_int8_logits_are_close_to_float32(name, overrides):
 def test_cached_decoding_of_the_int8_model_matches_its_full_forward(name, overrides):
     quantized = quantize.quantize_model(random_model(name, **overrides))
     ids = tokens(batch=2, time=32)
-    cache, logits = prefill(quantized, ids, jnp.int32(32), jnp.zeros(2, jnp.int32))
+    logits, _ = engine.prefill(quantized, ids, jnp.full(2, 32), 32)
     np.testing.assert_allclose(logits, quantized(ids)[:, -1], atol=1e-5)
 
 
 def int8_dot_count(model: nnx.Module, ids: jax.Array) -> int:
-    """The s8 x s8 -> s32 dots in the compiled forward pass: XLA prints each dot inside its
-    own computation, whose parameters carry the operand types."""
+    """The s8 x s8 -> s32 dots in the compiled forward pass."""
     graphdef, state = nnx.split(model)
     hlo = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).lower(state, ids).compile().as_text()
+    return int8_dots(hlo)
+
+
+def int8_dots(hlo: str) -> int:
+    """The s8 x s8 -> s32 dots in compiled HLO text: XLA prints each dot inside its own
+    computation, whose parameters carry the operand types."""
     count = 0
     for computation in hlo.split("\n\n"):
         dots = re.findall(r"= s32\[[\d,]*\]\S* dot\(%(\S+), %(\S+)\)", computation)

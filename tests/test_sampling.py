@@ -1,3 +1,5 @@
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,15 +28,15 @@ VARIANTS = [
 ]
 
 
-def make_sampler(name="transformer", **overrides) -> Sampler:
+def make_sampler(name="transformer", context=CONTEXT, **overrides) -> Sampler:
     tokenizer = CharTokenizer.from_text(TEXT)
-    config = tiny_config(name, **{"data.context_length": CONTEXT, **overrides})
+    config = tiny_config(name, **{"data.context_length": context, **overrides})
     # A larger init than training's makes the random model's logits far from uniform.
     model = models.create_model(config, tokenizer.vocab_size, nnx.Rngs(7))
     state = nnx.state(model)
     state = jax.tree.map(lambda p: p * 8 if p.ndim > 1 else p, state)
     nnx.update(model, state)
-    return Sampler(model, tokenizer, CONTEXT)
+    return Sampler(model, tokenizer, context)
 
 
 def full_logits(sampler: Sampler):
@@ -43,35 +45,42 @@ def full_logits(sampler: Sampler):
     run = jax.jit(lambda ids: sampler.model(ids))
 
     def logits(ids: list[int]) -> np.ndarray:
-        padded = np.zeros((1, CONTEXT), np.int32)
+        padded = np.zeros((1, sampler.context_length), np.int32)
         padded[0, : len(ids)] = ids
         return np.asarray(run(padded)[0, len(ids) - 1])
 
     return logits
 
 
-def greedy_reference(sampler: Sampler, prompt: str, steps: int) -> tuple[str, list[np.ndarray]]:
+class Reference(NamedTuple):
+    text: str
+    logits: list[np.ndarray]  # of each step
+    lengths: list[int]  # of the window each step's logits come from
+
+
+def greedy_reference(sampler: Sampler, prompt: str, steps: int) -> Reference:
     """Greedy decoding that reruns the model on the whole text, with the sampler's policy
     for a full context: drop the oldest half."""
-    logits_of = full_logits(sampler)
+    logits_of, context = full_logits(sampler), sampler.context_length
     ctx = list(sampler.tokenizer.encode(prompt))
-    out, all_logits = [], []
+    out, all_logits, lengths = [], [], []
     for _ in range(steps):
         logits = logits_of(ctx)
         all_logits.append(logits)
+        lengths.append(len(ctx))
         token = int(np.argmax(logits))
         out.append(token)
         ctx.append(token)
-        if len(ctx) > CONTEXT:
-            ctx = ctx[CONTEXT // 2 :]
-    return sampler.tokenizer.decode(out), all_logits
+        if len(ctx) > context:
+            ctx = ctx[context // 2 :]
+    return Reference(sampler.tokenizer.decode(out), all_logits, lengths)
 
 
 @pytest.mark.parametrize(("name", "overrides"), VARIANTS)
 def test_cached_greedy_equals_full_recomputation(name, overrides):
     sampler = make_sampler(name, **overrides)
     prompt = "abc def"
-    expected, _ = greedy_reference(sampler, prompt, CONTEXT - len(prompt))
+    expected = greedy_reference(sampler, prompt, CONTEXT - len(prompt)).text
     assert sampler.generate([prompt], CONTEXT - len(prompt), temperature=0.0)[0] == expected
     # The log-probabilities of each step are compared in tests/test_engine.py.
 
@@ -80,7 +89,7 @@ def test_cached_greedy_equals_full_recomputation(name, overrides):
 def test_beyond_the_context_follows_the_documented_policy(name, overrides):
     sampler = make_sampler(name, **overrides)
     steps = 3 * CONTEXT  # several refills of the window
-    expected, _ = greedy_reference(sampler, "ab", steps)
+    expected = greedy_reference(sampler, "ab", steps).text
     out = sampler.generate(["ab"], steps, temperature=0.0)[0]
     assert len(out) == steps and out == expected
 
@@ -203,16 +212,20 @@ def test_log_probs_and_perplexity():
 
 
 def beam_reference(sampler: Sampler, prompt: str, beam_size: int, steps: int) -> str:
-    """Plain beam search that reruns the model on each beam's whole text."""
-    logits_of = full_logits(sampler)
-    beams = [(0.0, list(sampler.tokenizer.encode(prompt)))]
+    """Plain beam search that reruns the model on each beam's whole window, with the
+    sampler's policy for a full context: drop the oldest half."""
+    logits_of, context = full_logits(sampler), sampler.context_length
+    beams = [(0.0, list(sampler.tokenizer.encode(prompt)), [])]
     for _ in range(steps):
         candidates = []
-        for score, ids in beams:
-            logp = jax.nn.log_softmax(logits_of(ids))
-            candidates += [(score + float(lp), ids + [t]) for t, lp in enumerate(logp)]
+        for score, window, out in beams:
+            logp = jax.nn.log_softmax(logits_of(window))
+            candidates += [
+                (score + float(lp), window + [t], out + [t]) for t, lp in enumerate(logp)
+            ]
         beams = sorted(candidates, key=lambda c: -c[0])[:beam_size]
-    return sampler.tokenizer.decode(beams[0][1][len(prompt) :])
+        beams = [(s, w[context // 2 :] if len(w) > context else w, o) for s, w, o in beams]
+    return sampler.tokenizer.decode(beams[0][2])
 
 
 @pytest.mark.parametrize("name", ["transformer", "mlp"])
@@ -221,6 +234,16 @@ def test_beam_search_matches_a_plain_implementation(name):
     assert sampler.generate(["ab"], 12, beam_size=3) == [beam_reference(sampler, "ab", 3, 12)]
     # A beam of one is greedy decoding.
     assert sampler.beam_search("ab", 1, 12) == sampler.generate(["ab"], 12, temperature=0.0)[0]
+
+
+@pytest.mark.parametrize("name", ["transformer", "mlp"])
+def test_beam_search_follows_the_context_policy(name):
+    sampler = make_sampler(name)
+    steps = 2 * CONTEXT + 5  # three rebuilds of the window from a 4-character prompt
+    assert sampler.beam_search("klm ", 4, steps) == beam_reference(sampler, "klm ", 4, steps)
+    long_prompt = "klm" * CONTEXT  # only its last CONTEXT characters are kept
+    greedy = sampler.generate([long_prompt], steps, temperature=0.0)[0]
+    assert sampler.beam_search(long_prompt, 1, steps) == greedy
 
 
 def test_beam_search_rejects_sampling_options():

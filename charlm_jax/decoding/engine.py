@@ -7,16 +7,23 @@ produce. `insert` prefills a prompt into a free slot; `step` advances every acti
 to `steps_per_call` tokens in one jitted call whose shapes never depend on how many slots are
 busy; `free` releases a slot. The state lives on the device and is donated to each call.
 
-Context policy (the Sampler's): a prompt longer than the context keeps its last context's
-worth of tokens. When a slot's window fills the context, the token drawn from the full window
-is emitted, the slot pauses for the rest of the call, and its cache is rebuilt from the newest
-half of the window plus that token by the same prefill as `insert` (positions then count from
-the kept text's start), at the start of the next `step`.
+Context policy (of every decoder here, beam search included): a prompt longer than the
+context keeps its last `context_length` tokens. When a slot's window fills the context, the
+token drawn from the full window is emitted, the slot pauses for the rest of the call, and its
+cache is rebuilt from the newest half of the window plus that token (`newest_half`) by the
+same `prefill` as `insert` (positions then count from the kept text's start), at the start of
+the next `step`.
 
 Exactness: every computation on a slot reads only that slot's rows, and its noise comes from
-its own seed and counter, so a request gives the same tokens in any slot, beside any
+its own seed and counter, so a request gives the same bits in any slot, beside any
 neighbours, inserted at any time (tests/test_engine.py). Prefills are batched by length
 bucket; a prefill's padding sits after the prompt, where causal attention never looks.
+Prefilled alone or in a batch, a request gives the same tokens, its log-probabilities equal
+up to float rounding (XLA:CPU rounds a matmul's rows differently with their number).
+
+The model-level pieces, `prefill` (windows into a new cache) and `append` (one token per cache
+row), are pure functions: the engine's jitted calls and beam search (decoding/beam.py) are
+built from them.
 
 Token choice, per slot: top-k filtering, then top-p (nucleus) on the remaining
 probabilities, then temperature; temperature 0 is greedy. A slot's n-th draw uses Gumbel
@@ -34,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from charlm_jax.errors import UserError
 from charlm_jax.model import random_bits
 
 TOP_LOGPROBS = 5  # alternatives reported per token
@@ -42,6 +50,10 @@ TOP_LOGPROBS = 5  # alternatives reported per token
 # and that a finished or full slot idles little until the call ends (docs/decoding.md).
 STEPS_PER_CALL = 16
 MIN_PREFILL = 8  # the narrowest prefill: fewer compiled shapes, little waste
+# XLA options of the decode loops. Region analysis lets XLA:CPU update the KV cache in place
+# at each step; without it every layer's cache was copied before each update
+# (docs/performance.md, Decoding).
+COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
 class SamplingParams(NamedTuple):
@@ -51,15 +63,26 @@ class SamplingParams(NamedTuple):
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_tokens: int):
-    """Raises ValueError naming the first bad argument."""
+    """Raises UserError naming the first bad argument."""
     if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        raise UserError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+        raise UserError(f"top_k must be >= 0 (0 disables it), got {top_k}")
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+def check_prompt(prompt: np.ndarray, vocab_size: int | None = None) -> None:
+    """Raises UserError unless `prompt` is a non-empty 1-D array of token ids (in
+    [0, vocab_size) when it is given)."""
+    if np.ndim(prompt) != 1 or len(prompt) < 1:
+        raise UserError("prompt must be a non-empty 1-D array of token ids")
+    prompt = np.asarray(prompt)
+    bad = prompt[(prompt < 0) | (prompt >= vocab_size)] if vocab_size else []
+    if len(bad):
+        raise UserError(f"token id {bad[0]} outside the vocabulary of {vocab_size}")
 
 
 def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -122,9 +145,8 @@ class Request:
     def __post_init__(self):
         check_sampling_args(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if np.ndim(self.prompt) != 1 or len(self.prompt) < 1:
-            raise ValueError("prompt must be a non-empty 1-D array of token ids")
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check_prompt(self.prompt)
 
 
 class StepOutput(NamedTuple):
@@ -143,9 +165,9 @@ class EngineFull(ValueError):
 
 
 class EngineState(NamedTuple):
-    cache: object  # the model's cache pytree, one row per slot, `context` columns
+    cache: object  # the model's cache pytree, one row per slot, `context_length` columns
     logits: jax.Array  # (slots, vocab) float32 logits of each slot's next token
-    length: jax.Array  # (slots,) tokens in the window; context + 1: full, awaiting a rebuild
+    length: jax.Array  # (slots,) tokens in the window; context_length + 1: awaiting a rebuild
     drawn: jax.Array  # (slots,) tokens drawn so far: the noise counter
     remaining: jax.Array  # (slots,) tokens still to produce; 0: idle
     seeds: jax.Array  # (slots, 2) uint32
@@ -169,11 +191,18 @@ def seed_bits(seed: int) -> np.ndarray:
     return np.array([z & 0xFFFFFFFF, z >> 32], np.uint32)
 
 
-def prefill_buckets(context: int) -> list[int]:
+def newest_half(window, context_length: int):
+    """What a window that overflowed the context (`context_length` + 1 tokens, along its last
+    axis) keeps: its newest half, plus the token that overflowed."""
+    return window[..., context_length // 2 :]
+
+
+def prefill_buckets(context_length: int) -> list[int]:
     """Prefill widths: powers of two from MIN_PREFILL below the context, the context, and
     the width of a rebuild after a full window (the newest half plus one token)."""
-    powers = {1 << i for i in range(context.bit_length()) if MIN_PREFILL <= 1 << i < context}
-    return sorted(powers | {context, context + 1 - context // 2})
+    powers = {1 << i for i in range(context_length.bit_length())}
+    powers = {p for p in powers if MIN_PREFILL <= p < context_length}
+    return sorted(powers | {context_length, context_length + 1 - context_length // 2})
 
 
 def stop_position(text: str, stops: Iterable[str]) -> int | None:
@@ -210,16 +239,14 @@ class Engine:
         steps_per_call: int = STEPS_PER_CALL,
     ):
         if num_slots < 1 or steps_per_call < 1 or context_length < 2:
-            raise ValueError(
+            raise UserError(
                 f"need num_slots >= 1, steps_per_call >= 1, context_length >= 2; got "
                 f"{num_slots}, {steps_per_call}, {context_length}"
             )
-        self.num_slots, self.steps_per_call, self.context = (
-            num_slots,
-            steps_per_call,
-            context_length,
-        )
-        graphdef, self._weights = nnx.split(model)
+        self.num_slots, self.steps_per_call = num_slots, steps_per_call
+        self.context_length = context_length
+        # The model as a graph and its weights: beam search (decoding/beam.py) runs them too.
+        self.graphdef, self.weights = nnx.split(model)
         self._buckets = prefill_buckets(context_length)
         self._rows = _row_buckets(num_slots)
         self._requests: list[Request | None] = [None] * num_slots
@@ -227,29 +254,29 @@ class Engine:
         self._drawn = [0] * num_slots
         self._pending: dict[int, _Prefill] = {}
         self._released = np.zeros(num_slots, bool)
-        context = context_length
+        graphdef = self.graphdef
         self._step = jax.jit(
-            lambda w, s, r: _decode(nnx.merge(graphdef, w), s, r, steps_per_call, context),
+            lambda w, s, r: _decode(nnx.merge(graphdef, w), s, r, steps_per_call, context_length),
             donate_argnums=1,
-            compiler_options={"xla_cpu_copy_insertion_use_region_analysis": True},
+            compiler_options=COMPILER_OPTIONS,
         )
         self._prefill = jax.jit(
-            lambda w, s, *rows: _prefill(nnx.merge(graphdef, w), context, s, *rows),
+            lambda w, s, *rows: _prefill(nnx.merge(graphdef, w), context_length, s, *rows),
             donate_argnums=1,
         )
-        empty = jax.jit(lambda w: _empty_state(nnx.merge(graphdef, w), num_slots, context))
-        self._state = empty(self._weights)
+        empty = jax.jit(lambda w: _empty_state(nnx.merge(graphdef, w), num_slots, context_length))
+        self._state = empty(self.weights)
         self.vocab_size = self._state.logits.shape[1]
 
     def warm_up(self) -> None:
         """Compiles every shape a run can need (the decode call, each prefill width for each
         row count), so that no request waits for a compilation later. Needs an idle engine."""
         if self.active_slots():
-            raise ValueError("warm_up() needs an idle engine")
+            raise UserError("warm_up() needs an idle engine")
         for width in self._buckets:
             for rows in self._rows:
                 self._prefill_rows(width, [None] * rows)  # padding rows: the state is unchanged
-        self._state, _ = self._step(self._weights, self._state, np.zeros(self.num_slots, bool))
+        self._state, _ = self._step(self.weights, self._state, np.zeros(self.num_slots, bool))
 
     def free_slots(self) -> list[int]:
         return [i for i, r in enumerate(self._requests) if r is None]
@@ -264,13 +291,12 @@ class Engine:
         if not free:
             raise EngineFull(f"no free slot (num_slots={self.num_slots} busy)")
         prompt = np.asarray(request.prompt)
-        bad = prompt[(prompt < 0) | (prompt >= self.vocab_size)]
-        if len(bad):
-            raise ValueError(f"token id {bad[0]} outside the vocabulary of {self.vocab_size}")
+        check_prompt(prompt, self.vocab_size)
         slot = free[0]
         self._requests[slot], self._drawn[slot] = request, 0
         self._released[slot] = False
-        self._pending[slot] = _Prefill(prompt[-self.context :].astype(np.int32), request, 0)
+        window = prompt[-self.context_length :].astype(np.int32)
+        self._pending[slot] = _Prefill(window, request, 0)
         return slot
 
     def free(self, slot: int) -> None:
@@ -286,7 +312,7 @@ class Engine:
         self._run_prefills()
         if not self.active_slots():
             return []
-        self._state, out = self._step(self._weights, self._state, self._released)
+        self._state, out = self._step(self.weights, self._state, self._released)
         self._released = np.zeros(self.num_slots, bool)
         tokens, logprobs, top_ids, top_logprobs = (np.asarray(a).swapaxes(0, 1) for a in out)
         results = []
@@ -327,8 +353,8 @@ class Engine:
         self._drawn[slot] += len(new)
         window = np.concatenate([self._windows[slot], new])
         finished = self._drawn[slot] >= request.max_new_tokens
-        if len(window) > self.context:  # full: rebuild from the newest half (+ the new token)
-            window = window[self.context // 2 :]
+        if len(window) > self.context_length:  # full: rebuild from the newest half
+            window = newest_half(window, self.context_length)
             if not finished:
                 self._pending[slot] = _Prefill(window, request, self._drawn[slot])
         self._windows[slot] = window
@@ -364,15 +390,40 @@ class Engine:
             temperature[i], top_k[i], top_p[i] = r.temperature, r.top_k, r.top_p
         params = SamplingParams(temperature, top_k, top_p)
         self._state = self._prefill(
-            self._weights, self._state, index, tokens, lengths, drawn, remaining, seeds, params
+            self.weights, self._state, index, tokens, lengths, drawn, remaining, seeds, params
         )
 
 
-def _empty_state(model, num_slots: int, context: int) -> EngineState:
-    cache = model.init_cache(num_slots, context)
-    ids = jnp.zeros((num_slots, 1), jnp.int32)
-    mask = jnp.ones((num_slots, 1, context), bool)
-    logits = jax.eval_shape(lambda: model.forward_cached(ids, ids, mask, cache, ids[:, 0])[0])
+def prefill(model, tokens: jax.Array, lengths: jax.Array, context_length: int):
+    """Runs the windows `tokens` (rows, width), `lengths` long, into a new cache of
+    `context_length` columns (token i at column i and position i); returns each row's
+    next-token logits (rows, vocab) in float32 and the cache. Padding after a window is
+    inert: causal attention never looks forward."""
+    rows, width = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(width), (rows, width))
+    causal = jnp.arange(context_length)[None, :] <= jnp.arange(width)[:, None]
+    mask = jnp.broadcast_to(causal, (rows, width, context_length))
+    cache = model.init_cache(rows, context_length)
+    logits, cache = model.forward_cached(tokens, positions, mask, cache, 0)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return last.astype(jnp.float32), cache
+
+
+def append(model, cache, tokens: jax.Array, lengths: jax.Array, context_length: int):
+    """Appends each row's token (rows,) to its window of `lengths[row]` tokens: writes it at
+    that cache column and position and attends to the columns up to it; returns the rows'
+    next-token logits (rows, vocab) in float32 and the cache. A full row (length >=
+    context_length) writes over its last column: its caller discards the result."""
+    at = jnp.minimum(lengths, context_length - 1)
+    mask = (jnp.arange(context_length) <= at[:, None])[:, None, :]
+    logits, cache = model.forward_cached(tokens[:, None], at[:, None], mask, cache, at)
+    return logits[:, 0].astype(jnp.float32), cache
+
+
+def _empty_state(model, num_slots: int, context_length: int) -> EngineState:
+    cache = model.init_cache(num_slots, context_length)
+    ids = jnp.zeros(num_slots, jnp.int32)
+    logits = jax.eval_shape(lambda: append(model, cache, ids, ids, context_length)[0])
     zeros = jnp.zeros(num_slots, jnp.int32)
     return EngineState(
         cache,
@@ -385,28 +436,25 @@ def _empty_state(model, num_slots: int, context: int) -> EngineState:
     )
 
 
-def _decode(model, s: EngineState, released: jax.Array, steps: int, context: int):
+def _decode(model, s: EngineState, released: jax.Array, steps: int, context_length: int):
     """`steps` tokens for every active slot; returns the state and, per step and slot, the
     token (-1: none), its log-probability and the top alternatives."""
     s = s._replace(remaining=jnp.where(released, 0, s.remaining))
-    columns = jnp.arange(context)
 
     def step(s: EngineState, _):
-        emit = (s.remaining > 0) & (s.length <= context)
+        emit = (s.remaining > 0) & (s.length <= context_length)
         token = choose_tokens(s.logits, s.seeds, s.drawn, s.params)
         logp = jax.nn.log_softmax(s.logits)
         top_logp, top_ids = jax.lax.top_k(logp, min(TOP_LOGPROBS, logp.shape[-1]))
         chosen = jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0]
         # A full slot emits its token but does not append it: the host rebuilds its cache.
         # The rows that do not append write past their text (or into a slot being rebuilt).
-        append = emit & (s.length < context)
-        at = jnp.minimum(s.length, context - 1)
-        mask = (columns <= at[:, None])[:, None, :]
-        logits, cache = model.forward_cached(token[:, None], at[:, None], mask, s.cache, at)
+        appended = emit & (s.length < context_length)
+        logits, cache = append(model, s.cache, token, s.length, context_length)
         s = EngineState(
             cache,
-            jnp.where(append[:, None], logits[:, 0].astype(jnp.float32), s.logits),
-            jnp.where(emit & ~append, context + 1, s.length + append),
+            jnp.where(appended[:, None], logits, s.logits),
+            jnp.where(emit & ~appended, context_length + 1, s.length + appended),
             s.drawn + emit,
             s.remaining - emit,
             s.seeds,
@@ -418,18 +466,11 @@ def _decode(model, s: EngineState, released: jax.Array, steps: int, context: int
 
 
 def _prefill(
-    model, context, s: EngineState, index, tokens, lengths, drawn, remaining, seeds, params
+    model, context_length, s: EngineState, index, tokens, lengths, drawn, remaining, seeds, params
 ):
     """Runs the windows `tokens` (rows, width), `lengths` long, into the slots `index`
     (num_slots: a padding row), with their counters, seeds and sampling parameters."""
-    rows, width = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(width), (rows, width))
-    causal = jnp.arange(context)[None, :] <= jnp.arange(width)[:, None]
-    mask = jnp.broadcast_to(causal, (rows, width, context))
-    logits, cache = model.forward_cached(
-        tokens, positions, mask, model.init_cache(rows, context), 0
-    )
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    last, cache = prefill(model, tokens, lengths, context_length)
 
     def put(full, new):
         return full.at[index].set(new.astype(full.dtype), mode="drop")

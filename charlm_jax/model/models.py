@@ -11,7 +11,7 @@ logits at position t depend only on tokens 0..t.
 
 Each is configured by one frozen dataclass (`MLPConfig`, `TransformerConfig`, in
 `model/config.py`) that `create_model` builds from `config.model`; both implement
-`CachedDecoder`, the interface the sampler decodes through.
+`CachedDecoder`, the interface the decode engine runs.
 """
 
 from __future__ import annotations
@@ -43,22 +43,23 @@ KV_BLOCK = 64  # columns per block of a KV cache (decoding skips the blocks nobo
 
 @runtime_checkable
 class CachedDecoder(Protocol):
-    """What the sampler needs of a model: a full forward pass, and one over a cache.
+    """What the decode engine needs of a model: a full forward pass, and one over a cache.
 
-    A cache holds `length` slots per row. `forward_cached` writes `tokens` (batch, time) at
-    slots slot..slot+time-1 and returns their logits (batch, time, vocab) with the new cache;
-    they sit at `positions` (batch, time) and attend where `mask` (batch, time, slots) is
-    True. Within the context, its logits equal those of `__call__` on the whole text.
+    A cache holds `context_length` columns per row. `forward_cached` writes `tokens`
+    (batch, time) at columns column..column+time-1 and returns their logits (batch, time,
+    vocab) with the new cache; they sit at `positions` (batch, time) and attend where `mask`
+    (batch, time, columns) is True. Within the context, its logits equal those of `__call__`
+    on the whole text.
     """
 
     def __call__(
         self, tokens: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
     ) -> jax.Array: ...
 
-    def init_cache(self, batch: int, length: int) -> Any: ...
+    def init_cache(self, batch: int, context_length: int) -> Any: ...
 
     def forward_cached(
-        self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: Any, slot
+        self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: Any, column
     ) -> tuple[jax.Array, Any]: ...
 
 
@@ -126,25 +127,26 @@ class MLP(nnx.Module):
             x = self.dropout(jnp.tanh(layer(x)), deterministic=not train, rngs=rngs)
         return self.head(x).reshape(batch, time, -1)
 
-    def init_cache(self, batch: int, length: int) -> jax.Array:
+    def init_cache(self, batch: int, context_length: int) -> jax.Array:
         """The MLP's decoding cache is the token buffer itself."""
-        return jnp.full((batch, length), self.pad_id, jnp.int32)
+        return jnp.full((batch, context_length), self.pad_id, jnp.int32)
 
     def forward_cached(
-        self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: jax.Array, slot
+        self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: jax.Array, column
     ) -> tuple[jax.Array, jax.Array]:
-        """Writes `tokens` at buffer slots slot.. and returns their logits (see Transformer)."""
+        """Writes `tokens` at buffer columns column.. and returns their logits (see
+        Transformer)."""
         del positions  # the MLP only sees the window
-        cache = write_slots(cache, tokens, slot, axis=1)
-        visible = jnp.where(mask[:, -1, :], cache, self.pad_id)  # slots before a row's text
+        cache = write_columns(cache, tokens, column, axis=1)
+        visible = jnp.where(mask[:, -1, :], cache, self.pad_id)  # columns the row may not see
         padded = jnp.pad(visible, ((0, 0), (self.window - 1, 0)), constant_values=self.pad_id)
-        if jnp.ndim(slot) == 0:
-            return self._logits(padded, slot, tokens.shape[1], train=False, rngs=None), cache
+        if jnp.ndim(column) == 0:
+            return self._logits(padded, column, tokens.shape[1], train=False, rngs=None), cache
         logits = jax.vmap(
             lambda row, start: self._logits(
                 row[None], start, tokens.shape[1], train=False, rngs=None
             )[0]
-        )(padded, slot)
+        )(padded, column)
         return logits, cache
 
 
@@ -196,13 +198,13 @@ def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
     return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
-def write_slots(cache: jax.Array, new: jax.Array, slot, axis: int) -> jax.Array:
-    """Writes `new` into `cache` along `axis` from `slot`: one index for every row, or one
+def write_columns(cache: jax.Array, new: jax.Array, column, axis: int) -> jax.Array:
+    """Writes `new` into `cache` along `axis` from `column`: one index for every row, or one
     per row (an array of shape (batch,))."""
-    if jnp.ndim(slot) == 0:
-        return jax.lax.dynamic_update_slice_in_dim(cache, new, slot, axis=axis)
+    if jnp.ndim(column) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, column, axis=axis)
     write = functools.partial(jax.lax.dynamic_update_slice_in_dim, axis=axis - 1)
-    return jax.vmap(write)(cache, new, slot)
+    return jax.vmap(write)(cache, new, column)
 
 
 class KVCache(NamedTuple):
@@ -215,16 +217,18 @@ class KVCache(NamedTuple):
     v: tuple[jax.Array, ...]
 
     @classmethod
-    def zeros(cls, batch: int, heads: int, length: int, head_dim: int) -> KVCache:
-        widths = [min(KV_BLOCK, length - start) for start in range(0, length, KV_BLOCK)]
+    def zeros(cls, batch: int, heads: int, context_length: int, head_dim: int) -> KVCache:
+        widths = [
+            min(KV_BLOCK, context_length - start) for start in range(0, context_length, KV_BLOCK)
+        ]
         blocks = lambda: tuple(jnp.zeros((batch, heads, w, head_dim)) for w in widths)  # noqa: E731
         return cls(blocks(), blocks())
 
-    def write(self, k: jax.Array, v: jax.Array, slot) -> KVCache:
-        """The cache with k, v (batch, heads, time, head_dim) written at columns slot.. (one
+    def write(self, k: jax.Array, v: jax.Array, column) -> KVCache:
+        """The cache with k, v (batch, heads, time, head_dim) written at columns column.. (one
         index, or one per row)."""
         batch, _, time, _ = k.shape
-        columns = jnp.broadcast_to(jnp.reshape(slot, (-1, 1)), (batch, 1)) + jnp.arange(time)
+        columns = jnp.broadcast_to(jnp.reshape(column, (-1, 1)), (batch, 1)) + jnp.arange(time)
         rows = jnp.arange(batch)[:, None]
 
         def put(blocks, new):
@@ -258,13 +262,13 @@ class CausalSelfAttention(nnx.Module):
         mask: jax.Array,
         *,
         cache: KVCache | None = None,
-        slot=0,
+        column=0,
         train: bool = False,
         rngs: nnx.Rngs | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """x: (batch, time, dim); positions: (batch, time); mask: (batch, time, keys), True
         where a query may attend a key. With a cache, the new keys and values are written
-        at slots slot..slot+time-1 and the queries attend over all cache slots."""
+        at columns column..column+time-1 and the queries attend over all cache columns."""
         batch, time, dim = x.shape
         head_dim = dim // self.num_heads
         qkv = dense(self.qkv, x).reshape(batch, time, 3, self.num_heads, head_dim)
@@ -283,7 +287,7 @@ class CausalSelfAttention(nnx.Module):
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
         attend = functools.partial(self._attend, train=train, rngs=rngs)
         if cache is not None:
-            cache = cache.write(k, v, slot)
+            cache = cache.write(k, v, column)
             y = self._attend_cached(q, mask, cache)
         elif time > QUERY_BLOCK:
             # Causal: the queries in [start, end) see keys before end only. Skipping the rest
@@ -393,12 +397,12 @@ class Block(nnx.Module):
         mask: jax.Array,
         *,
         cache: KVCache | None = None,
-        slot=0,
+        column=0,
         train: bool = False,
         rngs: nnx.Rngs | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         y, cache = self.attn(
-            self.attn_norm(x), positions, mask, cache=cache, slot=slot, train=train, rngs=rngs
+            self.attn_norm(x), positions, mask, cache=cache, column=column, train=train, rngs=rngs
         )
         x = x + y
         return x + self.mlp(self.mlp_norm(x), train=train, rngs=rngs), cache
@@ -448,11 +452,11 @@ class Transformer(nnx.Module):
         logits, _ = self._forward(tokens, positions, mask, None, 0, train=train, rngs=rngs)
         return logits
 
-    def init_cache(self, batch: int, length: int) -> list[KVCache]:
-        """An empty KV cache of `length` slots per layer (length <= context_length)."""
-        return [
-            KVCache.zeros(batch, self.cfg.num_heads, length, self.cfg.head_dim) for _ in self.blocks
-        ]
+    def init_cache(self, batch: int, context_length: int) -> list[KVCache]:
+        """An empty KV cache of `context_length` columns per layer (at most the model's
+        context length)."""
+        heads, head_dim = self.cfg.num_heads, self.cfg.head_dim
+        return [KVCache.zeros(batch, heads, context_length, head_dim) for _ in self.blocks]
 
     def forward_cached(
         self,
@@ -460,14 +464,14 @@ class Transformer(nnx.Module):
         positions: jax.Array,
         mask: jax.Array,
         cache: list[KVCache],
-        slot,
+        column,
     ) -> tuple[jax.Array, list[KVCache]]:
-        """Runs `tokens` (batch, time), placed at cache slots slot..slot+time-1 (`slot`: one
-        index, or one per row), at the given `positions` (batch, time), attending where `mask`
-        (batch, time, slots) is True."""
-        return self._forward(tokens, positions, mask, cache, slot, train=False, rngs=None)
+        """Runs `tokens` (batch, time), placed at cache columns column..column+time-1
+        (`column`: one index, or one per row), at the given `positions` (batch, time),
+        attending where `mask` (batch, time, columns) is True."""
+        return self._forward(tokens, positions, mask, cache, column, train=False, rngs=None)
 
-    def _forward(self, tokens, positions, mask, cache, slot, *, train, rngs):
+    def _forward(self, tokens, positions, mask, cache, column, *, train, rngs):
         x = self.embed(tokens)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
@@ -476,7 +480,9 @@ class Transformer(nnx.Module):
             cache = [None] * len(self.blocks)
 
         def run_block(block, x, layer_cache, rngs):
-            return block(x, positions, mask, cache=layer_cache, slot=slot, train=train, rngs=rngs)
+            return block(
+                x, positions, mask, cache=layer_cache, column=column, train=train, rngs=rngs
+            )
 
         if self.cfg.remat and train:  # recompute each block's activations in the backward pass
             run_block = nnx.remat(run_block)

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
-import numpy as np
 from absl import logging
 
 from charlm_jax.decoding import engine
@@ -182,7 +181,7 @@ class Scheduler:
 
     def _run(self) -> None:
         try:
-            self._warm_up()
+            self.engine.warm_up()  # no request then waits for a compilation
         except Exception as e:  # the service then answers 503 naming it
             logging.exception("engine warm-up failed")
             self.failure = f"the engine failed to start: {e!r}"
@@ -198,20 +197,6 @@ class Scheduler:
             seq.fail(ApiError(503, "the server is shutting down"))
         self._running.clear()
         self._waiting.clear()
-
-    def _warm_up(self) -> None:
-        """Compiles the step and the prefill of every width bucket for 1, 2, 4, ... prompts
-        at once, so that no request waits for a compilation (seconds on a CPU)."""
-        slots = self.engine.num_slots
-        counts = sorted({min(1 << i, slots) for i in range(slots.bit_length() + 1)})
-        shapes = [(w, c) for w in engine.prefill_buckets(self.engine.context) for c in counts]
-        # One request first: jit compiles the first call again for the engine's initial
-        # state (not yet committed to a device, unlike the states its calls return).
-        for width, count in [(1, 1), *shapes]:
-            for _ in range(count):
-                self.engine.insert(engine.Request(np.zeros(width, np.int32), 1))
-            while self.engine.active_slots():
-                self.engine.step()
 
     def _next_admissions(self) -> list[Sequence] | None:
         """Waits for work; drops cancelled and expired waiting sequences, and returns those
