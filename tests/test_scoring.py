@@ -47,7 +47,23 @@ def test_sliding_windows_equal_a_naive_recomputation(model, tokens, stride):
     np.testing.assert_allclose(score.log_probs, rows[np.arange(len(rows)), tokens[1:]], atol=1e-5)
     top = np.argsort(-rows, axis=1, kind="stable")[:, :3]
     np.testing.assert_array_equal(score.top_ids, top)
-    np.testing.assert_allclose(score.top_log_probs, np.sort(rows, axis=1)[:, ::-1][:, :3], atol=1e-5)
+    np.testing.assert_allclose(
+        score.top_log_probs, np.sort(rows, axis=1)[:, ::-1][:, :3], atol=1e-5
+    )
+
+
+def test_a_stride_of_the_context_scores_back_to_back_windows():
+    """The speedrun's and the PyTorch peer's protocol: windows of the context, one after the
+    other, each scoring all its positions."""
+    model = models.create_model(tiny_config(), 65, nnx.Rngs(0))
+    tokens = np.random.default_rng(0).integers(0, 65, 300).astype(np.int32)
+    expected = []  # window by window
+    for start in range(0, len(tokens) - 1, 32):
+        window = tokens[start : start + 33]
+        logits = model(window[None, :-1])[0]
+        expected += list(-jax.nn.log_softmax(logits)[np.arange(len(window) - 1), window[1:]])
+    got = scoring.score_tokens(model, tokens, 32, stride=32, batch_size=3).nats_per_token
+    np.testing.assert_allclose(got, np.mean(expected), rtol=1e-5)
 
 
 def test_scores_do_not_depend_on_the_batch_size(model, tokens):

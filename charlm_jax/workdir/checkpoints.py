@@ -90,10 +90,14 @@ def resolve_step(manager: ocp.CheckpointManager, checkpoint: str | int) -> int:
         step = manager.best_step()
     elif checkpoint == "latest":
         step = manager.latest_step()
-    else:
+    elif isinstance(checkpoint, int) or checkpoint.isdigit():
         step = int(checkpoint)
         if step not in manager.all_steps():
             raise UserError(f"no checkpoint at step {step}; saved steps: {manager.all_steps()}")
+    else:
+        raise UserError(
+            f"unknown checkpoint {checkpoint!r}: expected 'best', 'latest' or a step number"
+        )
     if step is None:
         raise UserError(f"no checkpoint found in {manager.directory}")
     return step
