@@ -3,18 +3,18 @@
     python experiments/benchmark_quant.py --workdir=RUN [--pruned=RUN_PRUNED] \
         [--speed_preset=nanogpt] [--out=results/quant]
 
-Quality (trained runs): bits per character of the whole validation text in consecutive
-windows of the context, greedy next-token agreement with the float32 model over the same
-positions, and the model checkpoint's size on disk (the int8 one exported to a temporary
-workdir). Speed: decode engine tokens/s at batch 1, 16 and 64 on the `--speed_preset` shape
-with random weights (pruned: half the MLP width), each variant in its own process, rounds
-alternated, medians. Writes OUT/benchmark_quant.json and OUT/quality_vs_speed.png.
+Quality (trained runs): bits per character of the whole validation text in back-to-back
+windows of the context (`scoring.score_tokens`, stride = context), greedy next-token
+agreement with the float32 model over the same positions, and the model checkpoint's size on
+disk (the int8 one exported to a temporary workdir). Speed: decode engine tokens/s at batch
+1, 16 and 64 on the `--speed_preset` shape with random weights (pruned: half the MLP width),
+each variant in its own process, rounds alternated, medians. Writes OUT/benchmark_quant.json
+and OUT/quality_vs_speed.png.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -29,11 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # ruff: noqa: E402 (the imports below need ROOT on the path)
-from charlm_jax import prune, quantize
 from charlm_jax.data import pipeline
 from charlm_jax.decoding import engine
-from charlm_jax.model import models
+from charlm_jax.model import int8, models, scoring
 from charlm_jax.workdir import checkpoints
+from charlm_jax.workdir.int8_export import export_int8
+from charlm_jax.workdir.loader import open_run
 from configs import transformer
 
 flags.DEFINE_multi_string("workdir", [], "Trained runs to score (repeat the flag).")
@@ -52,26 +53,24 @@ def _disk(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _model_dir(workdir: Path) -> Path:
-    with checkpoints.open_manager(workdir) as manager:
-        step = checkpoints.resolve_step(manager, "best")
-    return workdir / checkpoints.CHECKPOINT_DIR / str(step) / "model"
-
-
 def quality(workdir: Path, mode: str, reference: np.ndarray | None) -> dict:
     """bpc, agreement with `reference` predictions, size on disk of one variant."""
-    model, tokenizer, config = quantize.load_model(workdir, "best", mode)
-    dataset = pipeline.load_dataset(config.data, tokenizer)
-    logp, predicted = prune.score_text(model, dataset.val, config.data.context_length)
+    run = open_run(workdir, "best", mode)
+    dataset = pipeline.load_dataset(run.config.data, run.tokenizer)
+    score = scoring.score_tokens(
+        run.model, dataset.val, run.context_length, stride=run.context_length, top_k=1,
+        chars_per_token=dataset.chars_per_token,
+    )  # fmt: skip
+    predicted = score.top_ids[:, 0]
     if mode == "none":
-        size = _disk(_model_dir(workdir))
+        size = _disk(workdir / checkpoints.CHECKPOINT_DIR / str(run.step) / "model")
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            size = _disk(quantize.export(workdir, Path(tmp) / "int8") / "model")
+            size = _disk(export_int8(workdir, Path(tmp) / "int8") / "model")
     row = {
-        "bpc": -float(logp.mean()) / math.log(2) / dataset.chars_per_token,
+        "bpc": score.bits_per_char,
         "size_bytes": size,
-        "stored_values": models.count_params(model),  # int8 models: scales included
+        "stored_values": models.count_params(run.model),  # int8 models: scales included
         "predictions": predicted,
     }
     if reference is not None:
@@ -93,11 +92,11 @@ def speed_worker(variant: str) -> None:
     if variant.startswith("pruned"):
         config.model.hidden_dim //= 2
     model = models.create_model(config, 65, nnx.Rngs(0))
-    model = quantize.quantize_model(model, "int8" if variant.endswith("int8") else "none")
+    model = int8.quantize_model(model, "int8" if variant.endswith("int8") else "none")
     context = config.data.context_length
     result = {}
     for batch in FLAGS.batch:
-        eng = engine.Engine(quantize.for_slots(model, batch), context, num_slots=batch)
+        eng = engine.Engine(int8.for_slots(model, batch), context, num_slots=batch)
 
         _tokens_per_s(eng, batch, engine.STEPS_PER_CALL)  # compiles
         result[batch] = _tokens_per_s(eng, batch, FLAGS.tokens)

@@ -34,9 +34,10 @@ import httpx
 import numpy as np
 from absl import app, flags
 
-from charlm_jax import quantize
 from charlm_jax.data.text_files import embedded_tiny_shakespeare
 from charlm_jax.decoding.engine import Engine, Request
+from charlm_jax.model import int8
+from charlm_jax.workdir.loader import open_run
 
 flags.DEFINE_string("url", None, "A running server (http://HOST:PORT); or --workdir.")
 flags.DEFINE_string("workdir", None, "Start a server of its own on this trained workdir.")
@@ -184,11 +185,11 @@ def server_rss_mb(url: str) -> float | None:
 def engine_tokens_per_second(workdir: str, bodies: list[dict], repeats: int = 3) -> float:
     """The engine alone: all `bodies` inserted at once (batch = their number), the median
     tokens/s over `repeats` runs after one warm-up run."""
-    model, tokenizer, config = quantize.load_model(workdir, "best", FLAGS.quantize)
-    model = quantize.for_slots(model, len(bodies))
-    engine = Engine(model, config.data.context_length, num_slots=len(bodies))
+    run = open_run(workdir, "best", FLAGS.quantize)
+    model = int8.for_slots(run.model, len(bodies))
+    engine = Engine(model, run.context_length, num_slots=len(bodies))
     requests = [
-        Request(tokenizer.encode(b["prompt"]), b["max_tokens"], seed=i)
+        Request(run.tokenizer.encode(b["prompt"]), b["max_tokens"], seed=i)
         for i, b in enumerate(bodies)
     ]
     speeds = []

@@ -8,8 +8,9 @@ torch.inference_mode) for experiments/benchmark_sampling.py.
 
 With --train_steps=N it instead trains a full nanoGPT run (nanoGPT's learning-rate schedule,
 its evaluation of 20 random batches every 250 steps, keeping the best) and also scores the
-whole validation text in windows of the context, as `Sampler.log_probs` does, so its losses
-compare with a charlm-jax run's (experiments/quality_parity.py drives both).
+whole validation text in back-to-back windows of the context, as charlm-jax's scorer does
+with stride = context (`charlm_jax.model.scoring`), so its losses compare with a charlm-jax
+run's (experiments/quality_parity.py drives both).
 
 PyTorch is not a dependency of charlm-jax: install it in a separate environment, e.g.
     python -m venv /tmp/torch && /tmp/torch/bin/pip install torch numpy

@@ -8,11 +8,12 @@ Each seed trains `configs/transformer.py:nanogpt_baby` (a sweep over `train.seed
 DIR/seed=N) and the peer (`pytorch_peer.py --train_steps`; its output in
 DIR/torch_gelu=G_seed=N.txt).
 Reported per run: the best of the run's own 20-batch evaluations (nanoGPT's estimate: noisy,
-about +-0.015 between seeds), and the loss of the whole validation text in consecutive
-windows of the context (`Sampler.log_probs`, best checkpoint; the peer scores its final
-model, which is its best in these runs). Wall times differ in scope: charlm-jax's is the
-whole run (start-up, compilation, evaluations of both splits, checkpoints), the peer's its
-training loop and validation evaluations. DIR/parity.md holds the table, means last.
+about +-0.015 between seeds), and the loss of the whole validation text in back-to-back
+windows of the context (`scoring.score_tokens`, stride = context, best checkpoint; the peer
+scores its final model, which is its best in these runs). Wall times differ in scope:
+charlm-jax's is the whole run (start-up, compilation, evaluations of both splits,
+checkpoints), the peer's its training loop and validation evaluations. DIR/parity.md holds
+the table, means last.
 """
 
 import json
@@ -21,14 +22,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 from absl import app, flags, logging
 
 from charlm_jax import cli
 from charlm_jax.data import pipeline, text_files
-from charlm_jax.decoding.sampling import Sampler
+from charlm_jax.model import scoring
 from charlm_jax.training import sweeps
 from charlm_jax.workdir import checkpoints
+from charlm_jax.workdir.loader import open_run
 
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds, for both frameworks.")
 flags.DEFINE_string("config", "configs/transformer.py:nanogpt_baby", "The charlm-jax config.")
@@ -42,12 +43,14 @@ PEER = Path(__file__).resolve().parent / "pytorch_peer.py"
 
 
 def whole_val_loss(workdir: Path) -> float:
-    """Mean loss of the validation text in windows of the context, best checkpoint."""
-    sampler = Sampler.from_workdir(workdir, checkpoint="best")
-    config = checkpoints.read_run_config(workdir)
-    tokens = sampler.tokenizer.encode(text_files.read_text(config.data))
-    _, val = pipeline.split_tokens(tokens, config.data.val_fraction, config.data.context_length)
-    return -float(np.mean(sampler.log_probs(sampler.tokenizer.decode(val))))
+    """Loss (nats per token) of the validation text in back-to-back windows of the context
+    (the peer's protocol: stride = context), best checkpoint."""
+    run = open_run(workdir, "best")
+    tokens = run.tokenizer.encode(text_files.read_text(run.config.data))
+    _, val = pipeline.split_tokens(tokens, run.config.data.val_fraction, run.context_length)
+    return scoring.score_tokens(
+        run.model, val, run.context_length, stride=run.context_length
+    ).nats_per_token
 
 
 def peer_run(seed: str, gelu: str, steps: int, out: Path) -> dict:

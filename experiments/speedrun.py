@@ -9,10 +9,11 @@ validation batches (the reference's count and size: 20 of 12 windows for `nanogp
 200 of 64 for `nanogpt`), checked every --check_every steps. The clock starts with the
 process and stops when the estimate first reaches the target, so start-up, data loading and
 compilation count; each seed runs in a fresh process. The model that reached the target is
-then scored on the whole validation text in consecutive windows of the context (as
-`Sampler.log_probs` does), outside the clock. A target not reached within the step budget
-(--max_steps, else the config's train.num_steps) or --max_seconds ends the run with one line
-saying how far it got, and a non-zero exit.
+then scored on the whole validation text in back-to-back windows of the context (the
+scorer `charlm_jax.model.scoring` with stride = context, as the PyTorch peer scores), outside
+the clock. A target not reached within the step budget (--max_steps, else the config's
+train.num_steps) or --max_seconds ends the run with one line saying how far it got, and a
+non-zero exit.
 
 The default targets are the nanoGPT recipe's 3-seed means after its 2000 (`nanogpt_baby`) or
 5000 (`nanogpt`) steps: results/parity/parity.md (the PyTorch peer) and nanoGPT's README.
@@ -85,29 +86,6 @@ FLAGS = flags.FLAGS
 PEER = Path(__file__).resolve().parent / "pytorch_peer.py"
 
 
-def whole_text_loss(model_def, model_state, tokens, length: int, chunk: int = 256) -> float:
-    """Mean next-token loss of every token of `tokens` after the first, scored in
-    consecutive windows of `length` tokens (the last one shorter), `chunk` windows a call."""
-    import jax
-    import numpy as np
-    import optax
-    from flax import nnx
-
-    n = len(tokens) - 1
-    size = -(-n // (length * chunk)) * length * chunk  # whole chunks: one compilation
-    inputs, targets, weights = (np.zeros(size, np.int32) for _ in range(3))
-    inputs[:n], targets[:n], weights[:n] = tokens[:-1], tokens[1:], 1
-
-    @jax.jit
-    def total(state, x, y, w):
-        logits = nnx.merge(model_def, state)(x).astype(np.float32)
-        return (optax.softmax_cross_entropy_with_integer_labels(logits, y) * w).sum()
-
-    shape = (-1, chunk, length)
-    batches = zip(*(a.reshape(shape) for a in (inputs, targets, weights)), strict=True)
-    return sum(float(total(model_state, x, y, w)) for x, y, w in batches) / n
-
-
 def train_to_target(config, reference: Reference, target: float, check_every: int,
                     max_steps: int, max_seconds: float, gate: float) -> dict:  # fmt: skip
     """Trains `config` until nanoGPT's validation estimate is <= `target` or a budget runs
@@ -115,8 +93,10 @@ def train_to_target(config, reference: Reference, target: float, check_every: in
     within `gate` of the target; the run's record (times from the process start)."""
     import jax
     import numpy as np
+    from flax import nnx
 
     from charlm_jax.data import batching, pipeline
+    from charlm_jax.model import scoring
     from charlm_jax.training import parallel, train
 
     seq_len = config.data.context_length
@@ -170,7 +150,9 @@ def train_to_target(config, reference: Reference, target: float, check_every: in
         "wall_to_target_s": elapsed,
         "startup_s": started,  # imports, data, model, compilation of the train step
         "step_ms": 1000 * (elapsed - started) / max(step, 1),  # the estimates included
-        "whole_val_loss": whole_text_loss(model_def, model_state, dataset.val, seq_len),
+        "whole_val_loss": scoring.score_tokens(
+            nnx.merge(model_def, model_state), dataset.val, seq_len, stride=seq_len
+        ).nats_per_token,
         "platform": jax.devices()[0].platform,
         "num_devices": jax.device_count(),
     }

@@ -13,12 +13,13 @@ from conftest import ROOT, tiny_config
 from flax import nnx
 from test_cli import assert_one_line_error
 
-from charlm_jax import quantize
 from charlm_jax.decoding import engine
 from charlm_jax.decoding.sampling import Sampler
-from charlm_jax.model import models
+from charlm_jax.model import int8, models
 from charlm_jax.training import train
-from charlm_jax.workdir import checkpoints
+from charlm_jax.workdir import checkpoints, loader
+from charlm_jax.workdir.int8_export import export_int8
+from charlm_jax.workdir.loader import open_run
 
 VOCAB = 20
 VARIANTS = [
@@ -40,7 +41,7 @@ def tokens(batch=3, time=32, seed=0) -> jax.Array:
 @pytest.mark.parametrize(("name", "overrides"), VARIANTS)
 def test_int8_logits_are_close_to_float32(name, overrides):
     model = random_model(name, **overrides)
-    quantized = quantize.quantize_model(model)
+    quantized = int8.quantize_model(model)
     ids = tokens()
     want, got = np.asarray(model(ids)), np.asarray(quantized(ids))
     spread = want.std()
@@ -53,7 +54,7 @@ def test_int8_logits_are_close_to_float32(name, overrides):
 
 @pytest.mark.parametrize(("name", "overrides"), VARIANTS[::2])
 def test_cached_decoding_of_the_int8_model_matches_its_full_forward(name, overrides):
-    quantized = quantize.quantize_model(random_model(name, **overrides))
+    quantized = int8.quantize_model(random_model(name, **overrides))
     ids = tokens(batch=2, time=32)
     logits, _ = engine.prefill(quantized, ids, jnp.full(2, 32), 32)
     np.testing.assert_allclose(logits, quantized(ids)[:, -1], atol=1e-5)
@@ -80,7 +81,7 @@ def int8_dots(hlo: str) -> int:
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_compiled_forward_runs_int8_dots(batch):
-    quantized = quantize.quantize_model(random_model())
+    quantized = int8.quantize_model(random_model())
     ids = tokens(batch=batch, time=1)
     # 2 blocks x (qkv, out, up, down) + the tied head.
     assert int8_dot_count(quantized, ids) == 9
@@ -92,33 +93,33 @@ def test_small_engines_decode_with_the_dequantized_float_copy(name, overrides):
     """Below MIN_ROWS slots the engine's model is float32 (no int8 dot) and holds the int8
     weights times their scales: its logits are the int8 model's up to activation rounding."""
     model = random_model(name, **overrides)
-    quantized = quantize.quantize_model(model)
+    quantized = int8.quantize_model(model)
     ids = tokens(batch=1, time=1)
-    assert quantize.for_slots(quantized, quantize.MIN_ROWS) is quantized
-    assert quantize.for_slots(model, 1) is model
-    small = quantize.for_slots(quantized, quantize.MIN_ROWS - 1)
-    assert not quantize.is_quantized(small) and int8_dot_count(small, ids) == 0
+    assert int8.for_slots(quantized, int8.MIN_ROWS) is quantized
+    assert int8.for_slots(model, 1) is model
+    small = int8.for_slots(quantized, int8.MIN_ROWS - 1)
+    assert not int8.is_quantized(small) and int8_dot_count(small, ids) == 0
     if name == "transformer":  # the lookup table is the float32 original
         np.testing.assert_array_equal(small.embed.embedding[...], model.embed.embedding[...])
     ids = tokens()
     want, got = np.asarray(quantized(ids)), np.asarray(small(ids))
     assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
-    assert quantize.is_quantized(quantized)  # the quantized model is untouched
+    assert int8.is_quantized(quantized)  # the quantized model is untouched
 
 
 def test_rows_are_quantized_independently_of_their_batch():
     """Fewer rows than MIN_ROWS are padded; each row's result is the same in any batch."""
     linear = nnx.Linear(16, 24, rngs=nnx.Rngs(0))
-    layer = quantize.Int8Linear(linear)
-    x = jax.random.normal(jax.random.key(1), (quantize.MIN_ROWS + 3, 16))
+    layer = int8.Int8Linear(linear)
+    x = jax.random.normal(jax.random.key(1), (int8.MIN_ROWS + 3, 16))
     whole = np.asarray(layer(x))
-    for n in (1, 2, quantize.MIN_ROWS):
+    for n in (1, 2, int8.MIN_ROWS):
         np.testing.assert_array_equal(np.asarray(layer(x[:n])), whole[:n])
     np.testing.assert_allclose(whole, linear(x), atol=0.03 * np.abs(linear(x)).max())
 
 
 def test_zero_rows_and_columns_stay_zero():
-    q, scale = quantize.quantize_array(jnp.zeros((3, 4)).at[0, 1].set(2.0), axis=1)
+    q, scale = int8.quantize_array(jnp.zeros((3, 4)).at[0, 1].set(2.0), axis=1)
     np.testing.assert_array_equal(q[0], [0, 127, 0, 0])
     np.testing.assert_array_equal(q[1:], 0)
     np.testing.assert_allclose(scale[:, 0], [2.0 / 127, 1.0, 1.0], rtol=1e-6)
@@ -139,14 +140,15 @@ def workdir(tmp_path_factory):
 
 
 def test_export_is_smaller_and_loads_as_it_was_quantized(workdir, tmp_path):
-    float_model, tokenizer, _ = quantize.load_model(workdir)
-    loaded_int8, _, _ = quantize.load_model(workdir, quantize="int8")
-    path = quantize.export(workdir, tmp_path / "int8")
-    exported, exported_tokenizer, _ = quantize.load_model(tmp_path / "int8", quantize="int8")
-    assert exported_tokenizer.chars == tokenizer.chars
-    ids = jnp.asarray(tokenizer.encode("ROMEO: to be or not")[None])
-    np.testing.assert_array_equal(exported(ids), loaded_int8(ids))
-    assert not np.array_equal(exported(ids), float_model(ids))
+    float_run = open_run(workdir)
+    loaded_int8 = open_run(workdir, quantize="int8").model
+    path = export_int8(workdir, tmp_path / "int8")
+    exported = open_run(tmp_path / "int8", quantize="int8")
+    assert exported.tokenizer.chars == float_run.tokenizer.chars
+    assert exported.step == float_run.step and path.name == str(float_run.step)
+    ids = jnp.asarray(float_run.tokenizer.encode("ROMEO: to be or not")[None])
+    np.testing.assert_array_equal(exported.model(ids), loaded_int8(ids))
+    assert not np.array_equal(exported.model(ids), float_run.model(ids))
 
     def disk(p):
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
@@ -155,29 +157,27 @@ def test_export_is_smaller_and_loads_as_it_was_quantized(workdir, tmp_path):
         return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
 
     # Tiny models: float embeddings and scales weigh more, and so does orbax's metadata.
-    assert nbytes(exported) < 0.4 * nbytes(float_model)
-    step = checkpoints.resolve_step(checkpoints.open_manager(workdir), "best")
-    assert disk(path / "model") < 0.7 * disk(
-        workdir / checkpoints.CHECKPOINT_DIR / str(step) / "model"
-    )
+    assert nbytes(exported.model) < 0.4 * nbytes(float_run.model)
+    original = workdir / checkpoints.CHECKPOINT_DIR / str(float_run.step) / "model"
+    assert disk(path / "model") < 0.7 * disk(original)
 
 
 def test_bad_input(workdir, tmp_path):
     with pytest.raises(ValueError, match="unknown quantization mode 'int4'"):
-        quantize.load_model(workdir, quantize="int4")
+        open_run(workdir, quantize="int4")
     with pytest.raises(ValueError, match="unknown quantization mode 'fp8'"):
-        quantize.quantize_model(random_model(), "fp8")
+        int8.quantize_model(random_model(), "fp8")
     with pytest.raises(ValueError, match="already quantized"):
-        quantize.quantize_model(quantize.quantize_model(random_model()))
+        int8.quantize_model(int8.quantize_model(random_model()))
     with pytest.raises(ValueError, match="no checkpoints in"):
-        quantize.load_model(tmp_path / "nothing", quantize="int8")
-    quantize.export(workdir, tmp_path / "int8")
+        open_run(tmp_path / "nothing", quantize="int8")
+    export_int8(workdir, tmp_path / "int8")
     with pytest.raises(ValueError, match="holds an int8-quantized checkpoint: load it with"):
-        quantize.load_model(tmp_path / "int8")
+        open_run(tmp_path / "int8")
     with pytest.raises(ValueError, match="already quantized"):
-        quantize.export(tmp_path / "int8", tmp_path / "again")
+        export_int8(tmp_path / "int8", tmp_path / "again")
     with pytest.raises(ValueError, match="already holds checkpoints"):
-        quantize.export(workdir, tmp_path / "int8")
+        export_int8(workdir, tmp_path / "int8")
 
 
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -190,8 +190,12 @@ def test_export_and_generate_clis(workdir, tmp_path):
     out = tmp_path / "q"
     result = run_module("charlm_jax.quantize", f"--workdir={workdir}", f"--out={out}")
     assert result.returncode == 0, result.stderr
-    assert "int8 checkpoint written to" in result.stdout
-    assert quantize.saved_mode(out) == "int8"
+    run = open_run(workdir, quantize="int8")
+    assert result.stdout == f"int8 checkpoint written to {out / 'checkpoints' / str(run.step)}\n"
+    assert loader.saved_quantization(out) == "int8"
+    exported = open_run(out, quantize="int8")  # the int8 model of the best checkpoint
+    ids = jnp.asarray(run.tokenizer.encode("ROMEO: to be")[None])
+    np.testing.assert_array_equal(exported.model(ids), run.model(ids))
     generate = ["charlm_jax.generate", "--prompt=ROMEO:", "--max_new_tokens=5", "--temperature=0"]
     result = run_module(*generate, f"--workdir={out}", "--quantize=int8")
     assert result.returncode == 0, result.stderr

@@ -15,6 +15,7 @@ from conftest import ROOT, tiny_config
 from flax import nnx
 from test_cli import CONFIG, TINY_FLAGS
 
+from charlm_jax.checkpoints import load_model
 from charlm_jax.errors import UserError
 from charlm_jax.training import events, train
 from charlm_jax.training.metrics import read_history
@@ -22,7 +23,7 @@ from charlm_jax.workdir import checkpoints
 
 
 def params_of(workdir, checkpoint="latest"):
-    model, _, _ = checkpoints.load_model(workdir, checkpoint)
+    model, _, _ = load_model(workdir, checkpoint)
     return jax.tree.leaves(nnx.to_pure_dict(nnx.state(model)))
 
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
+from charlm_jax.checkpoints import load_model
 from charlm_jax.data import batching, pipeline
 from charlm_jax.data.tokenizers import CharTokenizer
 from charlm_jax.errors import UserError
@@ -70,7 +71,7 @@ def test_summary_and_workdir_layout(tmp_path, text_file):
 def test_reloaded_checkpoint_reproduces_the_eval_loss(trained_run):
     """The latest checkpoint, loaded back, gives exactly the loss the run measured."""
     config, summary = trained_run.config(), trained_run.summary
-    model, tokenizer, loaded_config = checkpoints.load_model(trained_run.workdir, "latest")
+    model, tokenizer, loaded_config = load_model(trained_run.workdir, "latest")
     assert loaded_config.to_dict() == config.to_dict()
     text = Path(config.data.path).read_text()
     _, val = pipeline.split_tokens(tokenizer.encode(text), 0.1, 32)
@@ -89,18 +90,18 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     checkpoints.save_run_files(tmp_path, config, tokenizer)
     with checkpoints.open_manager(tmp_path) as manager:
         checkpoints.save(manager, 7, nnx.state(model), nnx.state(opt), val_loss=1.5)
-    loaded, loaded_tokenizer, _ = checkpoints.load_model(tmp_path, "best")
+    loaded, loaded_tokenizer, _ = load_model(tmp_path, "best")
     tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, 13)
     np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(model(tokens)))
     assert loaded_tokenizer.chars == tokenizer.chars
-    assert checkpoints.load_model(tmp_path, 7)[0] is not None
+    np.testing.assert_array_equal(np.asarray(load_model(tmp_path, 7)[0](tokens)), model(tokens))
     with pytest.raises(UserError, match="no checkpoint at step 8"):
-        checkpoints.load_model(tmp_path, 8)
+        load_model(tmp_path, 8)
 
 
 def test_load_model_without_checkpoints(tmp_path):
     with pytest.raises(UserError, match="no checkpoints in"):
-        checkpoints.load_model(tmp_path)
+        load_model(tmp_path)
 
 
 def test_rerun_resumes_and_keeps_the_best_checkpoint(tmp_path, trained_run):

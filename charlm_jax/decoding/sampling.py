@@ -14,16 +14,15 @@ import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from charlm_jax import quantize as quantization
 from charlm_jax.data.tokenizers import Tokenizer
 from charlm_jax.decoding import beam
 from charlm_jax.decoding.engine import STEPS_PER_CALL, Engine, Request, check_sampling_args
 from charlm_jax.errors import UserError
+from charlm_jax.model import int8, scoring
+from charlm_jax.workdir.loader import open_run
 
 STREAM_CHUNK = 16  # tokens per chunk when the generate CLI streams
 MAX_SLOTS = 64  # the most rows a Sampler decodes at once; more prompts wait for a slot
@@ -47,30 +46,23 @@ class Sampler:
         self._start_id = int(tokenizer.encode("\n")[0]) if "\n" in tokenizer.chars else 0
         self._engines: dict[tuple[int, int], Engine] = {}
 
-        def token_log_probs(state, inputs, targets):
-            logits = nnx.merge(graphdef, state)(inputs).astype(jnp.float32)
-            logp = jax.nn.log_softmax(logits)
-            return jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
-
-        self._token_log_probs = jax.jit(token_log_probs)
-
     @classmethod
     def from_workdir(
         cls, workdir: str | Path, checkpoint: str | int = "best", quantize: str = "none"
     ) -> Sampler:
-        """Loads a trained workdir; `checkpoint` is "best", "latest" or a step number;
-        `quantize` "int8" runs the dense layers as int8 dots (charlm_jax/quantize.py)."""
-        model, tokenizer, config = quantization.load_model(workdir, checkpoint, quantize)
-        return cls(model, tokenizer, config.data.context_length)
+        """Loads a trained workdir (`open_run`); `checkpoint` is "best", "latest" or a step
+        number; `quantize` "int8" runs the dense layers as int8 dots (model/int8.py)."""
+        run = open_run(workdir, checkpoint, quantize)
+        return cls(run.model, run.tokenizer, run.context_length)
 
     def engine(self, rows: int, steps_per_call: int | None = None) -> Engine:
         """The engine this Sampler decodes `rows` prompts with: min(MAX_SLOTS, the next power
         of two) slots (one engine, compiled once, per size). A quantized model's engines of
-        fewer than `quantize.MIN_ROWS` slots decode with its float32 copy (faster there)."""
+        fewer than `int8.MIN_ROWS` slots decode with its float32 copy (faster there)."""
         slots = min(MAX_SLOTS, 1 << max(rows - 1, 0).bit_length())
         key = (slots, steps_per_call or STEPS_PER_CALL)
         if key not in self._engines:
-            model = quantization.for_slots(self.model, slots)
+            model = int8.for_slots(self.model, slots)
             self._engines[key] = Engine(model, self.context_length, *key)
         return self._engines[key]
 
@@ -156,25 +148,16 @@ class Sampler:
         tokens, _ = beam.search(self.engine(beam_size), ids, beam_size, max_new_tokens)
         return self.tokenizer.decode(tokens)
 
-    def log_probs(self, text: str) -> np.ndarray:
+    def log_probs(self, text: str, stride: int | None = None) -> np.ndarray:
         """Log-probabilities (nats) of each token of `text` after the first, given the
-        ones before it (in windows of the model's context)."""
+        ones before it, in sliding windows of the model's context (`scoring.score_tokens`:
+        `stride` default half the context; the context: back-to-back windows)."""
         ids = self.tokenizer.encode(text)
-        length = self.context_length
-        out = []
-        for start in range(0, max(len(ids) - 1, 0), length):
-            window = ids[start : start + length + 1]
-            # Padded to the full context (one compilation); causality makes padding inert.
-            inputs = np.zeros((1, length), np.int32)
-            targets = np.zeros((1, length), np.int32)
-            inputs[0, : len(window) - 1], targets[0, : len(window) - 1] = window[:-1], window[1:]
-            logp = self._token_log_probs(self._state, inputs, targets)
-            out.append(np.asarray(logp)[0, : len(window) - 1])
-        return np.concatenate(out) if out else np.zeros(0, np.float32)
+        return scoring.score_tokens(self.model, ids, self.context_length, stride).log_probs
 
-    def perplexity(self, text: str) -> float:
+    def perplexity(self, text: str, stride: int | None = None) -> float:
         """exp of the mean negative log-probability per token of `text` (after the first)."""
-        logp = self.log_probs(text)
+        logp = self.log_probs(text, stride)
         if not len(logp):
             raise ValueError("perplexity needs a text of at least 2 tokens")
         return math.exp(-float(logp.mean()))

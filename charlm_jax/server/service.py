@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from charlm_jax import quantize as quantization
 from charlm_jax.data.tokenizers import Tokenizer
 from charlm_jax.decoding import engine
+from charlm_jax.model import int8
 from charlm_jax.server import protocol
 from charlm_jax.server.cache import OutputCache
 from charlm_jax.server.prometheus import Metrics
 from charlm_jax.server.protocol import ApiError, CompletionRequest
 from charlm_jax.server.scheduler import Piece, QueueFull, Scheduler, Sequence
-from charlm_jax.workdir import checkpoints
+from charlm_jax.workdir.loader import open_run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,15 +81,11 @@ class Service:
     ) -> Service:
         """Loads a trained workdir's checkpoint ("best", "latest" or a step) into an engine
         of `num_slots` slots (it compiles when the service starts); `quantize` "int8" runs
-        the dense layers as int8 dots (charlm_jax/quantize.py)."""
-        model, tokenizer, config = quantization.load_model(workdir, checkpoint, quantize)
-        with checkpoints.open_manager(workdir) as manager:
-            step = checkpoints.resolve_step(manager, checkpoint)
-        engine_ = engine.Engine(
-            quantization.for_slots(model, num_slots), config.data.context_length, num_slots
-        )
-        info = ModelInfo(Path(workdir).absolute().name, step, quantize)
-        return cls(engine_, tokenizer, info, options)
+        the dense layers as int8 dots (model/int8.py). The model id names the step loaded."""
+        run = open_run(workdir, checkpoint, quantize)
+        engine_ = engine.Engine(int8.for_slots(run.model, num_slots), run.context_length, num_slots)
+        info = ModelInfo(Path(workdir).absolute().name, run.step, run.quantize)
+        return cls(engine_, run.tokenizer, info, options)
 
     @property
     def status(self) -> str:

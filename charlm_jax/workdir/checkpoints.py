@@ -1,15 +1,15 @@
-"""Workdir layout, orbax checkpoints, and loading a trained model back.
+"""Workdir files and orbax checkpoints (loader.open_run loads a trained model back).
 
 DIR/config.json        the run's config (everything needed to rebuild the model)
 DIR/tokenizer.json     the tokenizer
 DIR/checkpoints/STEP/  orbax checkpoints: the latest and the best by validation loss
 DIR/summary.json       written at the end of training
+DIR/quantization.json  only in an int8 export: {"mode": "int8"}, its checkpoints' format
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -21,14 +21,13 @@ from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
 from charlm_jax import config_defaults
-from charlm_jax.data.tokenizers import Tokenizer, load_tokenizer
 from charlm_jax.errors import UserError
-from charlm_jax.model import models
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 CHECKPOINT_DIR = "checkpoints"
 SUMMARY_FILE = "summary.json"
+QUANTIZATION_FILE = "quantization.json"
 METRIC = "val_loss"
 
 
@@ -106,10 +105,14 @@ def resolve_step(manager: ocp.CheckpointManager, checkpoint: str | int) -> int:
         step = manager.best_step()
     elif checkpoint == "latest":
         step = manager.latest_step()
-    else:
+    elif isinstance(checkpoint, int) or checkpoint.isdigit():
         step = int(checkpoint)
         if step not in manager.all_steps():
             raise UserError(f"no checkpoint at step {step}; saved steps: {manager.all_steps()}")
+    else:
+        raise UserError(
+            f"unknown checkpoint {checkpoint!r}: expected 'best', 'latest' or a step number"
+        )
     if step is None:
         raise UserError(f"no checkpoint found in {manager.directory}")
     return step
@@ -169,6 +172,12 @@ def restore_latest_good(
     raise UserError(f"no readable checkpoint in {manager.directory}")
 
 
+def check_new_workdir(workdir: Path) -> None:
+    """UserError if `workdir`, about to receive a derived run, already holds checkpoints."""
+    if (workdir / CHECKPOINT_DIR).exists():
+        raise UserError(f"output directory {workdir} already holds checkpoints: choose a new one")
+
+
 def save_run_files(workdir: Path, config: ml_collections.ConfigDict, tokenizer) -> None:
     (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
     tokenizer.save(workdir / TOKENIZER_FILE)
@@ -181,33 +190,3 @@ def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
         return config_defaults.upgrade(json.loads(path.read_text()))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the run's config {path}: {e}") from None
-
-
-def load_model(
-    workdir: str | Path,
-    checkpoint: str | int = "best",
-    transform: Callable[[nnx.Module], nnx.Module] | None = None,
-) -> tuple[nnx.Module, Tokenizer, ml_collections.ConfigDict]:
-    """Loads a trained model, its tokenizer and config from a workdir.
-
-    `checkpoint` is "best" (lowest validation loss), "latest" or a step number. A checkpoint
-    of a transformed model (e.g. `quantize.quantize_model`) loads with that `transform`.
-    """
-    workdir = Path(workdir)
-    if not (workdir / CHECKPOINT_DIR).is_dir():
-        raise UserError(f"no checkpoints in {workdir}")
-    config = read_run_config(workdir)
-    tokenizer = load_tokenizer(workdir / TOKENIZER_FILE)
-    model = models.abstract_model(config, tokenizer.vocab_size)
-    if transform is not None:
-        model = nnx.eval_shape(transform, model)
-    graphdef, abstract_state = nnx.split(model)
-    # Onto one device, however many devices the checkpoint was written from.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract_state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state
-    )
-    with open_manager(workdir) as manager:
-        step = resolve_step(manager, checkpoint)
-        state, _ = restore(manager, step, abstract_state)
-    return nnx.merge(graphdef, state), tokenizer, config

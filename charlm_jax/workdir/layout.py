@@ -21,7 +21,7 @@ RESUME_FREE = ("model.dtype", "model.remat")  # how the model computes, not what
 def prepare(workdir: str | Path) -> Path:
     """The workdir as a Path, created if needed; UserError if it cannot be written."""
     if not str(workdir):
-        raise UserError("--workdir is empty")
+        raise UserError("the workdir path is empty")
     workdir = Path(workdir).expanduser()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -57,7 +57,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: Path) -> None:
     if differing:
         raise UserError(
             f"workdir {workdir} holds checkpoints of a different model ({'; '.join(differing)}); "
-            "use a new --workdir, or the same config to resume"
+            "train in a new workdir, or with the same config to resume"
         )
 
 
