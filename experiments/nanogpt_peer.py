@@ -28,7 +28,6 @@ per-iteration times its log prints (`iter N: loss X, time Y ms`). nanoGPT seeds 
 1337 on every run: repeated runs time the same training.
 """
 
-import json
 import pickle
 import re
 import shlex
@@ -40,9 +39,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
-
 import provenance
+from absl import app, flags
 
 TEXT = Path(__file__).resolve().parents[1] / "charlm_jax" / "resources" / "tinyshakespeare.txt"
 CONFIG = "config/train_shakespeare_char.py"
@@ -56,13 +54,6 @@ RECIPES = {
 EVAL = re.compile(r"^step (\d+): train loss ([\d.]+|nan), val loss ([\d.]+|nan)$")
 ITER = re.compile(r"^iter (\d+): loss ([\d.]+|nan), time ([\d.]+)ms")
 
-flags.DEFINE_string("nanogpt_dir", None, "A checkout of karpathy/nanoGPT.")
-flags.DEFINE_string("python", sys.executable, "A Python with torch and numpy installed.")
-flags.DEFINE_enum("recipe", "cpu_baby", list(RECIPES), "nanoGPT's settings to run.")
-flags.DEFINE_multi_string("set", [], "KEY=VALUE: a train.py override (repeatable).")
-flags.DEFINE_integer("runs", 1, "Runs, each a fresh process.")
-flags.DEFINE_float("target", None, "Validation loss whose first evaluation is timed.")
-flags.DEFINE_string("out", "", "Write the runs and their provenance to this JSON file.")
 FLAGS = flags.FLAGS
 
 
@@ -90,6 +81,12 @@ def train_command(nanogpt_dir: Path, python: str, recipe: str, overrides: list[s
     extra = [f"--{o}" for o in overrides]
     return [python, "-u", str(nanogpt_dir / "train.py"), str(nanogpt_dir / CONFIG),
             *RECIPES[recipe], *extra, f"--out_dir={out_dir}"]  # fmt: skip
+
+
+def read_log(text: str) -> list[tuple[float, str]]:
+    """The (seconds since launch, line) pairs of a log as `run_once` writes it."""
+    return [(float(t), line) for t, _, line in
+            (row.strip(" ").partition(" ") for row in text.splitlines())]  # fmt: skip
 
 
 def parse_log(lines: list[tuple[float, str]], target: float | None = None) -> dict:
@@ -216,5 +213,17 @@ def summary_line(record: dict) -> str:
     )
 
 
+def define_flags() -> None:
+    """This script's flags, defined only when it runs (speedrun.py imports its functions)."""
+    flags.DEFINE_string("nanogpt_dir", None, "A checkout of karpathy/nanoGPT.")
+    flags.DEFINE_string("python", sys.executable, "A Python with torch and numpy installed.")
+    flags.DEFINE_enum("recipe", "cpu_baby", list(RECIPES), "nanoGPT's settings to run.")
+    flags.DEFINE_multi_string("set", [], "KEY=VALUE: a train.py override (repeatable).")
+    flags.DEFINE_integer("runs", 1, "Runs, each a fresh process.")
+    flags.DEFINE_float("target", None, "Validation loss whose first evaluation is timed.")
+    flags.DEFINE_string("out", "", "Write the runs and their provenance to this JSON file.")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
