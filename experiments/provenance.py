@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The record of a command whose results are a folder of files (a sweep's, a demo run's).
+FILE = "provenance.json"
 # What report.py requires of every source of a table.
 FIELDS = ("command", "commit", "dirty", "date", "machine", "versions", "load_before",
           "load_after")  # fmt: skip
