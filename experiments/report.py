@@ -40,11 +40,11 @@ NANOGPT = "python experiments/nanogpt_peer.py --nanogpt_dir=DIR --python=PY"
 
 @dataclasses.dataclass(frozen=True)
 class Table:
-    """A measured table: its source files (a glob under results/), the command that writes
+    """A measured table: its source files (a glob under results/), the commands that write
     them, and the markdown it makes of their records (each a JSON object with provenance)."""
 
     sources: str
-    command: str
+    commands: tuple[str, ...]
     render: Callable[[list[dict]], str]
 
 
@@ -173,7 +173,7 @@ def _peer_row(peer: dict, target: float) -> dict:
     return {
         "record": f"nanoGPT `train.py` (commit {peer['nanogpt_commit'][:7]})",
         f"s to val <= {target:g}, each run": _slashed(
-            ("-" if t is None else f"{t:.1f}" for t in reached)
+            "-" if t is None else f"{t:.1f}" for t in reached
         ),
         "whole process s, mean": f"{peer['mean_process_s']:.1f}",
         "of nanoGPT's whole process": "1",
@@ -236,35 +236,43 @@ def quant_speed_table(records: list[dict]) -> str:
 
 
 def _sweep(name: str, command: str) -> Table:
-    return Table(f"{name}/{provenance.FILE}", command, sweep_table(name))
+    return Table(f"{name}/{provenance.FILE}", (command,), sweep_table(name))
 
 
 QUANT = (
     "python experiments/benchmark_quant.py --workdir=RUN_BABY --pruned=RUN_BABY_P50 "
-    "--workdir=RUN_DEFAULT --out=results/quant"
+    "--workdir=RUN_DEFAULT --out=results/quant",
 )
 TABLES: dict[str, Table] = {
     "full_runs": Table(
         "full_runs/*.json",
-        "python experiments/run_overhead.py --preset=nanogpt_baby --config.train.seed=N "
-        f"--out=results/full_runs/charlm_seed=N.json (N = 0, 1, 2) and {NANOGPT} --runs=3 "
-        "--out=results/full_runs/nanogpt.json, alternated",
+        (
+            "python experiments/run_overhead.py --preset=nanogpt_baby --config.train.seed=N "
+            "--out=results/full_runs/charlm_seed=N.json",
+            f"{NANOGPT} --runs=3 --out=results/full_runs/nanogpt.json",
+        ),
         full_runs_table,
     ),
     "parity": Table(
         "parity/parity.json",
-        f"python experiments/quality_parity.py --seeds=0,1,2 --workdir=results/parity "
-        "--nanogpt_dir=DIR --peer_python=PY",
+        (
+            "python experiments/quality_parity.py --seeds=0,1,2 --workdir=results/parity "
+            "--nanogpt_dir=DIR --peer_python=PY",
+        ),
         parity_table,
     ),
     "speedrun": Table(
         "speedrun/records/*.json",
-        "python experiments/speedrun.py --nanogpt_dir=DIR --peer_python=PY "
-        "--out=results/speedrun/records/NAME.json --label=WHAT",
+        (
+            "python experiments/speedrun.py --nanogpt_dir=DIR --peer_python=PY "
+            "--out=results/speedrun/records/NAME.json --label=WHAT",
+        ),
         speedrun_table,
     ),
     "demo": Table(
-        f"demo/{provenance.FILE}", "python experiments/demo.py --workdir=results/demo", demo_table
+        f"demo/{provenance.FILE}",
+        ("python experiments/demo.py --workdir=results/demo",),
+        demo_table,
     ),
     "sweep_small": _sweep(
         "sweep_small",
@@ -323,7 +331,8 @@ def render(name: str) -> str:
     table = TABLES[name]
     paths = sorted(RESULTS.glob(table.sources))
     if not paths:
-        return f"Not measured yet: `{table.command}`, then `python experiments/report.py`."
+        commands = " and ".join(f"`{command}`" for command in table.commands)
+        return f"Not measured yet: run {commands}, then `python experiments/report.py`."
     records = [json.loads(path.read_text()) for path in paths]
     for path, record in zip(paths, records, strict=True):
         if absent := provenance.missing(record):
