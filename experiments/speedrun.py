@@ -88,6 +88,7 @@ flags.DEFINE_string("out", "", "Write the runs and their means to this JSON file
 flags.DEFINE_string("label", "", "What this run tries, for the record table (in --out).")
 flags.DEFINE_string("nanogpt_dir", "", "A nanoGPT checkout: also time its train.py per seed.")
 flags.DEFINE_string("peer_python", sys.executable, "A Python with torch, for nanoGPT.")
+flags.DEFINE_multi_string("peer_set", [], "KEY=VALUE: a nanoGPT train.py override.")
 # Off by default: records compile from scratch. The tests load this script into processes
 # that also import the generate CLI, which defines the same flag.
 cli.define_compilation_cache_flag(default="", allow_override=True)
@@ -187,7 +188,9 @@ def time_peer(target: float) -> dict:
     nanogpt_peer.py): its whole process and when its evaluations first reached `target`."""
     recipe = REFERENCES[FLAGS.reference].nanogpt_recipe
     try:
-        return nanogpt_peer.run(Path(FLAGS.nanogpt_dir), FLAGS.peer_python, recipe, [], target)
+        return nanogpt_peer.run(
+            Path(FLAGS.nanogpt_dir), FLAGS.peer_python, recipe, FLAGS.peer_set, target
+        )
     except RuntimeError as e:
         raise UserError(str(e)) from e
 
@@ -196,7 +199,7 @@ def run_seeds(argv: list[str], seeds: list[str], target: float) -> tuple[list[di
     """Each seed's record from a fresh process per seed (this command with --seeds=SEED), up
     to the first that did not reach the target, with `process_s` its launch to exit; with
     --nanogpt_dir, each followed by a run of nanoGPT's train.py (alternated processes)."""
-    passed = ("--seeds=", "--out=", "--nanogpt_dir=", "--peer_python=")
+    passed = ("--seeds=", "--out=", "--nanogpt_dir=", "--peer_python=", "--peer_set=")
     flags_ = [a for a in argv[1:] if not a.startswith(passed)]
     records, peers = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -264,7 +267,9 @@ def write_result(path: str, started: dict, target: float, records: list[dict],
     versions = {}
     if peers:
         recipe = REFERENCES[FLAGS.reference].nanogpt_recipe
-        header = nanogpt_peer.peer_header(Path(FLAGS.nanogpt_dir), FLAGS.peer_python, recipe, [])
+        header = nanogpt_peer.peer_header(
+            Path(FLAGS.nanogpt_dir), FLAGS.peer_python, recipe, FLAGS.peer_set
+        )
         reached = [p["time_to_target_s"] for p in peers if p["time_to_target_s"] is not None]
         result["peer"] = {
             **header, "runs": peers,

@@ -255,3 +255,27 @@ def test_quality_parity_alternates_with_nanogpt(tmp_path, report, monkeypatch):
     mean = record["mean"][1]["final_val_loss"]
     assert f"| nanoGPT train.py | {peer['final_val_loss']:.4f} / " in table
     assert f"| {mean:.4f} |" in table and table.count("| - |") == 1
+
+
+@needs_nanogpt
+def test_speedrun_times_nanogpt_after_each_seed(tmp_path, report, monkeypatch):
+    out = tmp_path / "speedrun" / "records" / "1.json"
+    tiny = [f"--set={k}={v}" for k, v in TINY_JAX.items() if k != "train.num_steps"]
+    run_script(
+        "speedrun.py", *tiny, "--seeds=0,1", "--target=4.0", "--check_every=2",
+        "--gate=inf", f"--nanogpt_dir={NANOGPT_DIR}", f"--out={out}", "--label=tiny",
+        *(f"--peer_set={s}" for s in TINY_NANOGPT),
+    )  # fmt: skip
+    record = json.loads(out.read_text())
+    assert provenance.missing(record) == [] and "torch" in record["provenance"]["versions"]
+    peer = record["peer"]
+    assert len(peer["runs"]) == 2 and peer["runs"][0]["steps"] == 4
+    assert "--max_iters=4" in peer["command"] and peer["torch"].startswith(
+        record["provenance"]["versions"]["torch"].split()[0]
+    )
+    assert peer["mean_process_s"] == np.mean([r["process_s"] for r in peer["runs"]])
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    table = report.render("speedrun")
+    ratio = record["mean"]["wall_to_target_s"] / peer["mean_process_s"]
+    assert "| tiny | " in table and f"| {ratio:.2f} |" in table
+    assert f"nanoGPT `train.py` (commit {peer['nanogpt_commit'][:7]})" in table
