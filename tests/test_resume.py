@@ -106,6 +106,25 @@ def test_sigterm_saves_a_checkpoint_and_says_so(tmp_path, text_file):
         assert manager.latest_step() == summary["steps"]
 
 
+def test_sigint_saves_a_checkpoint_exits_and_the_run_resumes_from_it(tmp_path, text_file):
+    process = run_cli(tmp_path / "run", text_file, "--config.train.num_steps=100000", wait=False)
+    wait_for_checkpoint(process, tmp_path / "run")
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    last = stderr.decode().strip().splitlines()[-1]
+    assert "interrupted by SIGINT: checkpoint saved at step" in last
+    stopped = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert stopped["stop_reason"] == "interrupted by SIGINT" and stopped["steps"] > 0
+    with checkpoints.open_manager(tmp_path / "run") as manager:
+        assert manager.latest_step() == stopped["steps"]
+    until = stopped["steps"] + 20
+    result = run_cli(tmp_path / "run", text_file, f"--config.train.num_steps={until}")
+    assert result.returncode == 0, result.stderr
+    resumed = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (resumed["resumed_from_step"], resumed["steps"]) == (stopped["steps"], until)
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, text_file):
     workdir = tmp_path / "run"
     config = config_for(text_file, **{"train.num_steps": 20, "train.keep_checkpoints": 2})
