@@ -16,7 +16,7 @@ from flax import nnx
 from test_cli import CONFIG, TINY_FLAGS
 
 from charlm_jax.errors import UserError
-from charlm_jax.training import events, train
+from charlm_jax.training import curves, events, train
 from charlm_jax.training.metrics import read_history
 from charlm_jax.workdir import checkpoints
 
@@ -185,8 +185,30 @@ def event_records(path):
     return records
 
 
-def test_event_files_and_plots(tmp_path, text_file):
+def kept_figures(monkeypatch) -> list:
+    """The matplotlib figures that `curves.save_figure` writes from now on (still written)."""
+    figures, save = [], curves.save_figure
+
+    def keep(fig, path, dpi=100):
+        figures.append(fig)
+        save(fig, path, dpi)
+
+    monkeypatch.setattr(curves, "save_figure", keep)
+    return figures
+
+
+def lines_by_label(fig) -> dict:
+    return {line.get_label(): line for line in fig.axes[0].get_lines()}
+
+
+def evals(summary: dict, key: str) -> tuple[list, list]:
+    records = [r for r in summary["history"] if r["kind"] == "eval"]
+    return [r["step"] for r in records], [r[key] for r in records]
+
+
+def test_event_files_and_plots(tmp_path, text_file, monkeypatch):
     assert events.masked_crc32c(b"123456789") == 0xC78AB0E5  # CRC-32C's check value, masked
+    figures = kept_figures(monkeypatch)
     summaries = [
         train.train_and_evaluate(config_for(text_file, **{"train.num_steps": 20}), tmp_path / name)
         for name in ("a", "b")
@@ -209,6 +231,28 @@ def test_event_files_and_plots(tmp_path, text_file):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:4] == b"\x89PNG"
+    # What the plots show: run a's loss curve, then both runs overlaid.
+    ax = figures[0].axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("step", "loss (nats per character)")
+    lines = lines_by_label(figures[0])
+    steps, val = evals(summaries[0], "val_loss")
+    assert steps == [10, 20]
+    assert (
+        list(lines["val loss"].get_xdata()) == steps and list(lines["val loss"].get_ydata()) == val
+    )
+    assert list(lines["train loss"].get_ydata()) == evals(summaries[0], "train_loss")[1]
+    best = lines[f"best {min(val):.4f}"]
+    assert (list(best.get_xdata()), list(best.get_ydata())) == (
+        [steps[val.index(min(val))]],
+        [min(val)],
+    )
+    assert list(lines["train (running)"].get_xdata()) == [10, 20]  # the log steps
+    curves.plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "both_here.png")
+    lines = lines_by_label(figures[-1])
+    assert set(lines) == {"a val", "a train", "b val", "b train"}
+    for name, summary in zip("ab", summaries, strict=True):
+        assert list(lines[f"{name} val"].get_ydata()) == evals(summary, "val_loss")[1]
+        assert list(lines[f"{name} train"].get_ydata()) == evals(summary, "train_loss")[1]
 
 
 def test_disk_full_at_save_time_is_a_clear_error(tmp_path, text_file, monkeypatch):
