@@ -47,6 +47,7 @@ def test_demo_trains_and_samples_at_three_temperatures(tmp_path):
     for t in ("0.5", "0.8", "1"):
         assert f"--- temperature {t} ---\nROMEO:" in result.stdout
     assert (tmp_path / "loss_curve.png").exists()
+    assert provenance.missing(json.loads((tmp_path / provenance.FILE).read_text())) == []
 
 
 def test_compare_matches_parameters_and_samples_each_model(tmp_path):
@@ -67,6 +68,8 @@ def test_compare_matches_parameters_and_samples_each_model(tmp_path):
     samples = (tmp_path / "samples.md").read_text()
     assert "## transformer" in samples and "## mlp" in samples and "ROMEO:" in samples
     assert "| transformer |" in result.stdout and (tmp_path / "val_curves.png").exists()
+    record = json.loads((tmp_path / provenance.FILE).read_text())
+    assert provenance.missing(record) == [] and record["table"] == "results.csv"
 
 
 NANOGPT_DIR = os.environ.get("NANOGPT_DIR", "")
