@@ -282,3 +282,14 @@ def test_speedrun_times_nanogpt_after_each_seed(tmp_path, report, monkeypatch):
     ratio = record["mean"]["wall_to_target_s"] / peer["mean_process_s"]
     assert "| tiny | " in table and f"| {ratio:.2f} |" in table
     assert f"nanoGPT `train.py` (commit {peer['nanogpt_commit'][:7]})" in table
+
+
+@pytest.mark.parametrize("args", [[], ["--nanogpt_dir={tmp}"]], ids=["no-dir", "not-nanogpt"])
+def test_nanogpt_peer_bad_input_is_one_line(tmp_path, args):
+    result = subprocess.run(
+        [sys.executable, "experiments/nanogpt_peer.py", *(a.format(tmp=tmp_path) for a in args)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and ("--nanogpt_dir" in line or "not a git checkout" in line)
