@@ -18,8 +18,9 @@ with --device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=
 --dropout=0.0); `gpu` is config/train_shakespeare_char.py as it is (CUDA, torch.compile).
 --set=KEY=VALUE adds train.py overrides after the recipe's.
 
-Clocks (what charlm-jax's side is timed against): `process_s` is the whole process, from
-launch to exit (imports, data, compilation, evaluations, checkpoints), and `elapsed_s` of
+Clocks (what charlm-jax's side is timed against): `process_s` is train.py's whole process,
+from launch to exit (imports, data, compilation, evaluations, checkpoints; preparing the
+.bin files is prepare.py's separate command in nanoGPT, so it is outside), and `elapsed_s` of
 each evaluation is the time from launch until its line `step N: train loss X, val loss Y`
 reached stdout (train.py runs unbuffered). `time_to_target_s` is the first evaluation whose
 val loss is <= --target (nanoGPT evaluates every 250 steps: the time is that of the
