@@ -14,13 +14,12 @@ device's nominal dense peak for the compute dtype. Decode: tokens/s of `Sampler.
 from a 1-character prompt, batch 1 and 16. Weights are random: speed does not depend on them.
 """
 
-import json
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import provenance
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
@@ -125,6 +124,7 @@ def decode_speed(model, tokenizer, context: int, batch: int, new_tokens: int) ->
 
 def main(argv: list[str]) -> None:
     del argv
+    started = provenance.begin()
     cli.quiet_library_logs()
     config = FLAGS.config
     parallel.one_cpu_device_per_core(config.train.batch_size)  # as training does
@@ -166,7 +166,7 @@ def main(argv: list[str]) -> None:
     width = max(len(name) for name, _ in rows)
     print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
     if FLAGS.out:
-        Path(FLAGS.out).write_text(json.dumps(report, indent=2) + "\n")
+        provenance.write_json(FLAGS.out, report, started)
 
 
 if __name__ == "__main__":

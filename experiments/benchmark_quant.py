@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # ruff: noqa: E402 (the imports below need ROOT on the path)
+import provenance
+
 from charlm_jax.data import pipeline
 from charlm_jax.decoding import engine
 from charlm_jax.model import int8, models, scoring
@@ -140,6 +142,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.speed_worker:
         speed_worker(FLAGS.speed_worker)
         return
+    started = provenance.begin()
     results = {"quality": {}, "speed": speed() if FLAGS.rounds else {}}
     pruned = FLAGS.pruned + [None] * (len(FLAGS.workdir) - len(FLAGS.pruned))
     for workdir, pruned_dir in zip(FLAGS.workdir, pruned, strict=True):
@@ -154,8 +157,7 @@ def main(argv: list[str]) -> None:
         results["quality"][workdir] = rows
         print(workdir, json.dumps(rows, indent=1), flush=True)
     out = Path(FLAGS.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark_quant.json").write_text(json.dumps(results, indent=2) + "\n")
+    provenance.write_json(out / "benchmark_quant.json", results, started)
     if results["quality"] and results["speed"]:
         plot(results, out / "quality_vs_speed.png")
 

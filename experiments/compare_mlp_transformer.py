@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import ml_collections
+import provenance
 from absl import app, flags, logging
 
 from charlm_jax import cli
@@ -145,6 +146,7 @@ def main(argv: list[str]) -> None:
     cli.quiet_library_logs()
     logging.set_verbosity(logging.INFO)
     workdir = Path(FLAGS.workdir)
+    started = provenance.begin()
     try:
         with cli.StopSignals(cli.interrupt):  # SIGTERM stops it as Ctrl-C does
             rows = sweeps.run_sweep(plan(workdir), workdir, FLAGS.jobs)
@@ -154,6 +156,8 @@ def main(argv: list[str]) -> None:
     except KeyboardInterrupt:
         sys.exit("interrupted: run the same command to resume")
     (workdir / SAMPLES_FILE).write_text(text)
+    # What made the comparison's results.csv, for experiments/report.py.
+    provenance.write_json(workdir / provenance.FILE, {"table": sweeps.RESULTS_CSV}, started)
     print(sweeps.markdown_table(rows, list(rows[0])))
     print(f"\nPlots: {workdir / sweeps.CURVES_PNG}, {workdir / sweeps.LOSS_VS_PARAMS_PNG}\n")
     print(text)

@@ -11,6 +11,7 @@ import math
 import sys
 from pathlib import Path
 
+import provenance
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -50,6 +51,7 @@ def main(argv: list[str]) -> None:
         f"Shakespeare, evaluating every {config.train.eval_every} steps...\n",
         flush=True,
     )
+    started = provenance.begin()
     try:
         temperatures = [float(t) for t in FLAGS.temperatures]
         summary = train.train_and_evaluate(config, FLAGS.workdir)
@@ -60,6 +62,9 @@ def main(argv: list[str]) -> None:
         }
     except (UserError, ValueError) as e:
         sys.exit(f"error: {cli.one_line(e)}")
+    # What made the run's summary.json, for experiments/report.py.
+    provenance.write_json(Path(FLAGS.workdir) / provenance.FILE, {"summary": "summary.json"},
+                          started)  # fmt: skip
     speed = summary["train_tokens_per_sec"]  # None when the run had finished before
     print(
         f"\n{summary['num_params']:,} parameters, {summary['steps']} steps, "

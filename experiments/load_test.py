@@ -32,6 +32,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import provenance
 from absl import app, flags
 
 from charlm_jax.data.text_files import embedded_tiny_shakespeare
@@ -266,6 +267,7 @@ def plot(levels: list[dict], path: Path) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1 or (FLAGS.url is None) == (FLAGS.workdir is None):
         raise app.UsageError("give either --url or --workdir")
+    started = provenance.begin()
     rng = random.Random(FLAGS.seed)
     levels = [int(c) for c in FLAGS.concurrency]
     report = {
@@ -310,8 +312,7 @@ def main(argv: list[str]) -> None:
         report["server_exit_code"] = server.stop()
         print(f"server exit code after SIGTERM: {report['server_exit_code']}")
     out = Path(FLAGS.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    provenance.write_json(out / "results.json", report, started)
     plot(report["levels"], out / "load_test.png")
     print(f"wrote {out / 'results.json'} and {out / 'load_test.png'}")
 

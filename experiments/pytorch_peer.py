@@ -1,20 +1,15 @@
-"""The PyTorch peer for experiments/benchmark.py: a nanoGPT-shaped GPT train step in eager
-PyTorch (fused SDPA attention, AdamW, gradient clipping, nanoGPT's batch sampling), timed
-the same way: compile/warm-up excluded, median of per-step times.
+"""A PyTorch reimplementation of nanoGPT's model (not nanoGPT itself) with a KV-cache decode
+loop, which nanoGPT does not have (its sample.py recomputes the whole context per token):
+the peer of experiments/benchmark_sampling.py. For training, the peer is nanoGPT's own
+train.py (experiments/nanogpt_peer.py).
 
-With --decode_batch=B it instead times KV-cache decoding (`decode`: batch B, a one-token
-prompt, --new_tokens per row, the cache written in place, F.scaled_dot_product_attention,
-torch.inference_mode) for experiments/benchmark_sampling.py.
-
-With --train_steps=N it instead trains a full nanoGPT run (nanoGPT's learning-rate schedule,
-its evaluation of 20 random batches every 250 steps, keeping the best) and also scores the
-whole validation text in back-to-back windows of the context, as charlm-jax's scorer does
-with stride = context (`charlm_jax.model.scoring`), so its losses compare with a charlm-jax
-run's (experiments/quality_parity.py drives both).
+`decode`: batch --decode_batch, a one-token prompt, --new_tokens per row, the cache written
+in place, F.scaled_dot_product_attention, torch.inference_mode; prints the median tokens/s
+of --repeats runs after a warm-up.
 
 PyTorch is not a dependency of charlm-jax: install it in a separate environment, e.g.
     python -m venv /tmp/torch && /tmp/torch/bin/pip install torch numpy
-    /tmp/torch/bin/python experiments/pytorch_peer.py --preset=nanogpt_baby
+    /tmp/torch/bin/python experiments/pytorch_peer.py --preset=nanogpt_baby --decode_batch=16
 """
 
 import argparse
@@ -29,23 +24,22 @@ from torch import nn
 
 # The same shapes as configs/transformer.py's presets of these names.
 PRESETS = {
-    "nanogpt_baby": dict(dim=128, layers=4, heads=4, context=64, batch=12, dropout=0.0),
-    "nanogpt": dict(dim=384, layers=6, heads=6, context=256, batch=64, dropout=0.2),
+    "nanogpt_baby": dict(dim=128, layers=4, heads=4, context=64),
+    "nanogpt": dict(dim=384, layers=6, heads=6, context=256),
 }
 TEXT = Path(__file__).resolve().parents[1] / "charlm_jax" / "resources" / "tinyshakespeare.txt"
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float, gelu: str):
+    def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.heads, self.dropout, self.gelu = heads, dropout, gelu
+        self.heads = heads
         self.ln1, self.ln2 = nn.LayerNorm(dim, bias=False), nn.LayerNorm(dim, bias=False)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim, bias=False)
         self.up, self.down = (
             nn.Linear(dim, 4 * dim, bias=False),
             nn.Linear(4 * dim, dim, bias=False),
         )
-        self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
         """x (b, t, d). With `cache` (keys, values of (b, heads, context, head_dim)), the new
@@ -57,22 +51,16 @@ class Block(nn.Module):
         if cache is not None:
             cache[0][:, :, start : start + t], cache[1][:, :, start : start + t] = k, v
             k, v = cache[0][:, :, : start + t], cache[1][:, :, : start + t]
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=t > 1, dropout_p=self.dropout if self.training else 0.0
-        )
-        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, d)))
-        return x + self.drop(self.down(F.gelu(self.up(self.ln2(x)), approximate=self.gelu)))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(F.gelu(self.up(self.ln2(x)), approximate="tanh"))  # as charlm-jax
 
 
 class GPT(nn.Module):
-    def __init__(
-        self, vocab: int, dim: int, layers: int, heads: int, context: int, dropout: float,
-        gelu: str = "tanh",
-    ):  # fmt: skip
+    def __init__(self, vocab: int, dim: int, layers: int, heads: int, context: int):
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(dim, heads, dropout, gelu) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
         self.ln = nn.LayerNorm(dim, bias=False)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -81,13 +69,9 @@ class GPT(nn.Module):
             for w in (block.proj.weight, block.down.weight):
                 nn.init.normal_(w, 0.0, 0.02 / math.sqrt(2 * layers))
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the next-token predictions."""
-        return F.cross_entropy(self.logits(idx).flatten(0, 1), targets.flatten())
-
     def logits(self, idx: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
         """Logits of idx (b, t) at positions start..; `cache`: one (keys, values) per block."""
-        x = self.drop(self.tok(idx) + self.pos(torch.arange(start, start + idx.shape[1])))
+        x = self.tok(idx) + self.pos(torch.arange(start, start + idx.shape[1]))
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache[i], start)
         return self.ln(x) @ self.tok.weight.T
@@ -123,7 +107,6 @@ def decode(model: GPT, batch: int, new_tokens: int, p: dict) -> torch.Tensor:
 
 def time_decode(model: GPT, p: dict, batch: int, new_tokens: int, repeats: int) -> float:
     """Median tokens/s of `decode` over `repeats` runs after one warm-up run."""
-    model.eval()
     decode(model, batch, min(new_tokens, 8), p)
     times = []
     for _ in range(repeats):
@@ -133,129 +116,23 @@ def time_decode(model: GPT, p: dict, batch: int, new_tokens: int, repeats: int) 
     return batch * new_tokens / statistics.median(times)
 
 
-def nanogpt_lr(step: int, steps: int, peak=1e-3, minimum=1e-4, warmup=100) -> float:
-    """nanoGPT's get_lr: linear warmup, then cosine decay to `minimum` at `steps`."""
-    if step < warmup:
-        return peak * (step + 1) / (warmup + 1)
-    ratio = (step - warmup) / (steps - warmup)
-    return minimum + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak - minimum)
-
-
-@torch.no_grad()
-def windowed_loss(model: GPT, data: torch.Tensor, context: int) -> float:
-    """Mean loss over every token of `data` after the first, scored in consecutive
-    non-overlapping windows of `context` (the last one shorter)."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(data) - 1, context):
-        window = data[start : start + context + 1]
-        loss = model(window[None, :-1], window[None, 1:])
-        total += float(loss) * (len(window) - 1)
-        count += len(window) - 1
-    model.train()
-    return total / count
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=PRESETS, default="nanogpt_baby")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--train_steps", type=int, default=0, help="> 0: a full training run")
-    parser.add_argument("--decode_batch", type=int, default=0, help="> 0: time KV-cache decoding")
-    parser.add_argument("--new_tokens", type=int, default=200, help="decoding: tokens per row")
-    parser.add_argument("--repeats", type=int, default=3, help="decoding: timed runs")
+    parser.add_argument("--decode_batch", type=int, default=1, help="rows decoded at once")
+    parser.add_argument("--new_tokens", type=int, default=200, help="tokens per row")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--gelu",
-        choices=("tanh", "none"),
-        default="tanh",
-        help="GELU approximation: tanh (as charlm-jax) or none (nanoGPT's exact)",
-    )
     args = parser.parse_args()
     p = PRESETS[args.preset]
-
-    text = TEXT.read_text(encoding="utf-8")
-    chars = sorted(set(text))
-    ids = torch.tensor([chars.index(c) for c in text])
-    n_train = int(len(ids) * 0.9)
-    data, val = ids[:n_train], ids[n_train:]
-    if not args.train_steps:
-        data = data[:200_000]
+    vocab = len(set(TEXT.read_text(encoding="utf-8")))
     torch.manual_seed(args.seed)
-    model = GPT(
-        len(chars), p["dim"], p["layers"], p["heads"], p["context"], p["dropout"], args.gelu
-    )
-    matrices = [w for w in model.parameters() if w.dim() >= 2]
-    vectors = [w for w in model.parameters() if w.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}],
-        lr=1e-3, betas=(0.9, 0.99),
-    )  # fmt: skip
-
-    def batch(split: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(len(split) - p["context"], (p["batch"],))
-        x = torch.stack([split[i : i + p["context"]] for i in starts])
-        y = torch.stack([split[i + 1 : i + 1 + p["context"]] for i in starts])
-        return x, y
-
-    def step() -> None:
-        loss = model(*batch(data))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-
-    if args.train_steps:
-        train(args, model, opt, step, batch, val, p["context"])
-        return
-    if args.decode_batch:
-        rate = time_decode(model, p, args.decode_batch, args.new_tokens, args.repeats)
-        print(
-            f"pytorch {torch.__version__} {args.preset} decode ({torch.get_num_threads()} "
-            f"threads): batch {args.decode_batch}, {args.new_tokens} tokens per row: "
-            f"{rate:,.0f} tokens/s"
-        )
-        return
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    tokens = p["batch"] * p["context"]
+    model = GPT(vocab, p["dim"], p["layers"], p["heads"], p["context"])
+    rate = time_decode(model, p, args.decode_batch, args.new_tokens, args.repeats)
     print(
-        f"pytorch {torch.__version__} {args.preset} ({torch.get_num_threads()} threads): "
-        f"{1e3 * median:.1f} ms/step (min {1e3 * min(times):.1f}, max {1e3 * max(times):.1f}), "
-        f"{tokens / median:,.0f} tokens/s"
-    )
-
-
-def train(args, model, opt, step, batch, val: torch.Tensor, context: int) -> None:
-    """nanoGPT's training loop: evaluation of 20 random validation batches every 250 steps
-    (and at the end), best kept; then the windowed loss of the whole validation text."""
-    best = math.inf
-    start = time.perf_counter()
-    for i in range(args.train_steps + 1):
-        if i % 250 == 0 or i == args.train_steps:
-            model.eval()
-            with torch.no_grad():
-                val_loss = sum(float(model(*batch(val))) for _ in range(20)) / 20
-            model.train()
-            best = min(best, val_loss)
-            print(f"step {i}: val loss {val_loss:.4f}", flush=True)
-        if i == args.train_steps:
-            break
-        for group in opt.param_groups:
-            group["lr"] = nanogpt_lr(i, args.train_steps)
-        step()
-    wall = time.perf_counter() - start
-    full = windowed_loss(model, val, context)
-    print(
-        f"pytorch {args.preset} seed {args.seed} gelu {args.gelu}: best val {best:.4f} "
-        f"(20 random batches), whole val text {full:.4f}, {wall:.0f} s"
+        f"pytorch {torch.__version__} {args.preset} decode ({torch.get_num_threads()} "
+        f"threads): batch {args.decode_batch}, {args.new_tokens} tokens per row: "
+        f"{rate:,.0f} tokens/s"
     )
 
 

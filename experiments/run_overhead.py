@@ -3,7 +3,8 @@
     python experiments/run_overhead.py [--preset=nanogpt_baby] [--workdir=/tmp/overhead] \
         [--config.train.num_steps=500 ...]
 
-Runs `python -m charlm_jax.main` in a fresh workdir and prints one JSON line: wall time,
+Runs `python -m charlm_jax.main` in a fresh workdir and prints one JSON line (with --out,
+also writes it with its provenance, experiments/provenance.py, to that file): wall time,
 steps, the median step time (over the log intervals, from DIR/metrics.jsonl), the overhead
 (start-up, compilation, evaluations, checkpoints, plots, exit), and the final losses (to
 check that a change made only to the overhead leaves them bit-identical).
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="nanogpt_baby")
     parser.add_argument("--workdir", default="/tmp/charlm_overhead")
+    parser.add_argument("--out", default="", help="also write the result to this JSON file")
     args, overrides = parser.parse_known_args()
+    started = provenance.begin()
     workdir = Path(args.workdir)
     shutil.rmtree(workdir, ignore_errors=True)
     command = [sys.executable, "-m", "charlm_jax.main",
@@ -51,13 +56,16 @@ def main() -> None:
     summary = json.loads((workdir / "summary.json").read_text())
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     median = statistics.median(interval_step_times(records, summary["tokens_per_step"]))
-    print(json.dumps({
+    result = {
         "preset": args.preset, "wall_s": round(wall, 2), "steps": summary["steps"],
         "median_step_ms": round(1000 * median, 3),
         "overhead_s": round(wall - summary["steps"] * median, 2),
         "final_train_loss": summary["final_train_loss"],
         "final_val_loss": summary["final_val_loss"], "best_val_loss": summary["best_val_loss"],
-    }))  # fmt: skip
+    }  # fmt: skip
+    print(json.dumps(result))
+    if args.out:
+        provenance.write_json(args.out, result, started)
 
 
 if __name__ == "__main__":

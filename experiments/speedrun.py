@@ -16,14 +16,20 @@ train.num_steps) or --max_seconds ends the run with one line saying how far it g
 non-zero exit.
 
 The default targets are the nanoGPT recipe's 3-seed means after its 2000 (`nanogpt_baby`) or
-5000 (`nanogpt`) steps: results/parity/parity.md (the PyTorch peer) and nanoGPT's README.
+5000 (`nanogpt`) steps: a PyTorch reimplementation's (`nanogpt_baby`) and nanoGPT's README.
+
+With --nanogpt_dir=DIR (a checkout of karpathy/nanoGPT) and --peer_python (a Python with
+torch), each seed is followed by a run of nanoGPT's own train.py (experiments/nanogpt_peer.py:
+its README's CPU baby-GPT command for `nanogpt_baby`, config/train_shakespeare_char.py on a
+GPU for `nanogpt`), alternated on the same machine. Both sides are timed two ways: the whole
+process, launch to exit, measured by this script for both (a seed's process here also scores
+the whole validation text after its clock stops), and the time to the target from launch
+(here when the estimate reaches it, there when its evaluation line reports it).
 """
 
 import dataclasses
 import json
 import math
-import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -36,6 +42,9 @@ START = time.perf_counter()  # before absl, JAX and charlm_jax: their imports co
 from absl import app, flags  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's charlm_jax
+
+import nanogpt_peer  # noqa: E402
+import provenance  # noqa: E402
 
 from charlm_jax import cli  # noqa: E402
 from charlm_jax.errors import UserError  # noqa: E402
@@ -53,13 +62,16 @@ class Reference:
     whole_text_target: float | None  # the same runs scored on the whole validation text
     estimate_batches: int
     estimate_batch_size: int
+    nanogpt_recipe: str  # experiments/nanogpt_peer.py's recipe of the same run
 
 
 REFERENCES = {
-    # results/parity/parity.md: the PyTorch peer, nanoGPT's recipe, seeds 0-2, 2000 steps.
-    "nanogpt_baby": Reference("configs/transformer.py:speedrun", 1.8955, 1.9028, 20, 12),
+    # A PyTorch reimplementation of nanoGPT's recipe, seeds 0-2, 2000 steps.
+    "nanogpt_baby": Reference(
+        "configs/transformer.py:speedrun", 1.8955, 1.9028, 20, 12, "cpu_baby"
+    ),
     # nanoGPT's README for config/train_shakespeare_char.py (5000 steps on a GPU).
-    "nanogpt": Reference("configs/transformer.py:speedrun_gpu", 1.47, None, 200, 64),
+    "nanogpt": Reference("configs/transformer.py:speedrun_gpu", 1.47, None, 200, 64, "gpu"),
 }
 
 flags.DEFINE_enum("reference", "nanogpt_baby", list(REFERENCES), "The recipe to beat.")
@@ -75,15 +87,13 @@ flags.DEFINE_integer("max_steps", 0, "Step budget (0: the config's train.num_ste
 flags.DEFINE_float("max_seconds", 300.0, "Wall-time budget per seed (0: none).")
 flags.DEFINE_string("out", "", "Write the runs and their means to this JSON file.")
 flags.DEFINE_string("label", "", "What this run tries, for the record table (in --out).")
-flags.DEFINE_string(
-    "peer_python", "", "A Python with torch: also time the PyTorch peer's run of each seed."
-)
-flags.DEFINE_integer("peer_steps", 2000, "The peer's training steps (nanoGPT's recipe).")
+flags.DEFINE_string("nanogpt_dir", "", "A nanoGPT checkout: also time its train.py per seed.")
+flags.DEFINE_string("peer_python", sys.executable, "A Python with torch, for nanoGPT.")
+flags.DEFINE_multi_string("peer_set", [], "KEY=VALUE: a nanoGPT train.py override.")
 # Off by default: records compile from scratch. The tests load this script into processes
 # that also import the generate CLI, which defines the same flag.
 cli.define_compilation_cache_flag(default="", allow_override=True)
 FLAGS = flags.FLAGS
-PEER = Path(__file__).resolve().parent / "pytorch_peer.py"
 
 
 def train_to_target(config, reference: Reference, target: float, check_every: int,
@@ -158,54 +168,42 @@ def train_to_target(config, reference: Reference, target: float, check_every: in
     }
 
 
-def time_peer(seed: str) -> dict:
-    """The PyTorch peer's nanoGPT run of `seed` (experiments/pytorch_peer.py --train_steps,
-    nanoGPT's recipe), timed from its launch to its exit, which includes its scoring of the
-    whole validation text; its last line also gives its training loop's own time."""
-    command = [FLAGS.peer_python, str(PEER), f"--preset={FLAGS.reference}",
-               f"--train_steps={FLAGS.peer_steps}", f"--seed={seed}"]  # fmt: skip
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    process_s = time.perf_counter() - start
-    if done.returncode:
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise UserError(f"the PyTorch peer failed (seed {seed}): {last}")
-    words = done.stdout.strip().splitlines()[-1].replace(",", "").split()
-    return {
-        "seed": int(seed),
-        "process_s": process_s,
-        "loop_s": float(words[-2]),
-        "best_estimate": float(words[words.index("best") + 2]),
-        "whole_val_loss": float(words[words.index("text") + 1]),
-    }
+def time_peer(target: float) -> dict:
+    """A run of nanoGPT's own train.py with the reference's recipe (experiments/
+    nanogpt_peer.py): its whole process and when its evaluations first reached `target`."""
+    recipe = REFERENCES[FLAGS.reference].nanogpt_recipe
+    try:
+        return nanogpt_peer.run(
+            Path(FLAGS.nanogpt_dir), FLAGS.peer_python, recipe, FLAGS.peer_set, target
+        )
+    except RuntimeError as e:
+        raise UserError(str(e)) from e
 
 
-def run_seeds(argv: list[str], seeds: list[str]) -> tuple[list[dict], list[dict]]:
+def run_seeds(argv: list[str], seeds: list[str], target: float) -> tuple[list[dict], list[dict]]:
     """Each seed's record from a fresh process per seed (this command with --seeds=SEED), up
-    to the first that did not reach the target; with --peer_python, each followed by the
-    PyTorch peer's run of the same seed (processes alternated on a shared machine)."""
-    flags_ = [a for a in argv[1:] if not a.startswith(("--seeds=", "--out=", "--peer_python="))]
+    to the first that did not reach the target, with `process_s` its launch to exit; with
+    --nanogpt_dir, each followed by a run of nanoGPT's train.py (alternated processes)."""
+    passed = ("--seeds=", "--out=", "--nanogpt_dir=", "--peer_python=", "--peer_set=")
+    flags_ = [a for a in argv[1:] if not a.startswith(passed)]
     records, peers = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             out = Path(tmp) / f"seed{seed}.json"
             command = [sys.executable, str(Path(__file__).resolve()), *flags_,
                        f"--seeds={seed}", f"--out={out}"]  # fmt: skip
+            start = time.perf_counter()
             done = subprocess.run(command, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
+            process_s = time.perf_counter() - start
             if not out.exists():  # it failed before training
                 last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
                 raise UserError(f"seed {seed}: {last.removeprefix('error: ')}")
-            records += json.loads(out.read_text())["runs"]
+            records += [{**r, "process_s": process_s} for r in json.loads(out.read_text())["runs"]]
             if not records[-1]["reached"]:
                 break
-            if FLAGS.peer_python:
-                peers.append(peer := time_peer(seed))
-                print(
-                    f"peer seed {seed}: {peer['process_s']:.1f} s (its loop {peer['loop_s']:.0f}"
-                    f" s), best estimate {peer['best_estimate']:.4f}, whole val text "
-                    f"{peer['whole_val_loss']:.4f}",
-                    flush=True,
-                )
+            if FLAGS.nanogpt_dir:
+                peers.append(peer := time_peer(target))
+                print(nanogpt_peer.summary_line(peer), flush=True)
     return records, peers
 
 
@@ -242,34 +240,29 @@ def summary_line(record: dict, target: float) -> str:
     )
 
 
-def git_commit() -> str:
-    """The checkout's commit, '+' if it has uncommitted changes ('' outside git)."""
-    root = Path(__file__).resolve().parents[1]
-    git = ["git", "-C", str(root)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run([*git, "status", "--porcelain", "-uno"], capture_output=True, text=True)
-    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
-
-
-def write_result(path: str, target: float, records: list[dict], peers: list[dict]) -> None:
+def write_result(path: str, started: dict, target: float, records: list[dict],
+                 peers: list[dict]) -> None:  # fmt: skip
     """The runs, their means and how they were made, as JSON (results/speedrun/)."""
     keys = ("steps", "wall_to_target_s", "startup_s", "step_ms", "estimate", "whole_val_loss")
+    keys += ("process_s",) if "process_s" in records[0] else ()
     result = {
-        "label": FLAGS.label, "reference": FLAGS.reference, "target": target,
-        "date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": git_commit(),
-        "command": shlex.join(["python", "experiments/speedrun.py", *sys.argv[1:]]),
-        "load_average": os.getloadavg(), "runs": records,
+        "label": FLAGS.label, "reference": FLAGS.reference, "target": target, "runs": records,
         "mean": {key: statistics.mean(r[key] for r in records) for key in keys},
     }  # fmt: skip
+    versions = {}
     if peers:
+        recipe = REFERENCES[FLAGS.reference].nanogpt_recipe
+        header = nanogpt_peer.peer_header(
+            Path(FLAGS.nanogpt_dir), FLAGS.peer_python, recipe, FLAGS.peer_set
+        )
+        reached = [p["time_to_target_s"] for p in peers if p["time_to_target_s"] is not None]
         result["peer"] = {
-            "command": f"python experiments/pytorch_peer.py --preset={FLAGS.reference} "
-            f"--train_steps={FLAGS.peer_steps} --seed=SEED",
-            "runs": peers,
+            **header, "runs": peers,
             "mean_process_s": statistics.mean(p["process_s"] for p in peers),
-        }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+            "mean_time_to_target_s": statistics.mean(reached) if reached else None,
+        }  # fmt: skip
+        versions["torch"] = header["torch"]
+    provenance.write_json(path, result, started, **versions)
 
 
 def main(argv: list[str]) -> None:
@@ -280,17 +273,18 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: --target must be a positive number, got {target}")
     if FLAGS.check_every < 1 or FLAGS.max_steps < 0 or FLAGS.max_seconds < 0 or FLAGS.gate < 0:
         sys.exit("error: --check_every must be positive; --max_steps, --max_seconds, --gate >= 0")
+    started = provenance.begin()
     cli.quiet_library_logs()
-    here = len(FLAGS.seeds) == 1 and not FLAGS.peer_python
+    here = len(FLAGS.seeds) == 1 and not FLAGS.nanogpt_dir
     try:
         if here:
             records, peers = [run_here(FLAGS.seeds[0], target)], []
         else:
-            records, peers = run_seeds(sys.argv, FLAGS.seeds)
+            records, peers = run_seeds(sys.argv, FLAGS.seeds, target)
+        if FLAGS.out:
+            write_result(FLAGS.out, started, target, records, peers)
     except UserError as e:
         sys.exit(f"error: {e}")
-    if FLAGS.out:
-        write_result(FLAGS.out, target, records, peers)
     if not records[-1]["reached"]:
         sys.exit(f"error: {summary_line(records[-1], target)}")
     if here:
@@ -303,7 +297,7 @@ def main(argv: list[str]) -> None:
         f"{statistics.mean(r['whole_val_loss'] for r in records):.4f}"
     )
     if peers:
-        print(f"the PyTorch peer: {statistics.mean(p['process_s'] for p in peers):.1f} s")
+        print(f"nanoGPT's train.py: {statistics.mean(p['process_s'] for p in peers):.1f} s")
 
 
 if __name__ == "__main__":

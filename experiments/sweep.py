@@ -13,7 +13,9 @@ DIR/NAME/train.log; a failed run's error is in the table and the others go on.
 """
 
 import sys
+from pathlib import Path
 
+import provenance
 from absl import app, flags, logging
 
 from charlm_jax import cli
@@ -34,6 +36,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.quiet_library_logs()
     logging.set_verbosity(logging.INFO)
+    started = provenance.begin()
     try:
         runs = sweeps.expand_grid(FLAGS.config, FLAGS.sweep, FLAGS.set)
         with cli.StopSignals(cli.interrupt):  # SIGTERM stops it as Ctrl-C does
@@ -42,6 +45,9 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: run the same command to resume")
+    # What made the sweep's results.csv, for experiments/report.py.
+    provenance.write_json(Path(FLAGS.workdir) / provenance.FILE, {"table": sweeps.RESULTS_CSV},
+                          started)  # fmt: skip
     print(sweeps.markdown_table(rows, list(rows[0])))
     failed = sum(row["status"] != "done" for row in rows)
     if failed:

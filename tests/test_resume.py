@@ -17,7 +17,7 @@ from test_cli import CONFIG, TINY_FLAGS
 
 from charlm_jax.checkpoints import load_model
 from charlm_jax.errors import UserError
-from charlm_jax.training import events, train
+from charlm_jax.training import curves, events, train
 from charlm_jax.training.metrics import read_history
 from charlm_jax.workdir import checkpoints
 
@@ -107,6 +107,25 @@ def test_sigterm_saves_a_checkpoint_and_says_so(tmp_path, text_file):
         assert manager.latest_step() == summary["steps"]
 
 
+def test_sigint_saves_a_checkpoint_exits_and_the_run_resumes_from_it(tmp_path, text_file):
+    process = run_cli(tmp_path / "run", text_file, "--config.train.num_steps=100000", wait=False)
+    wait_for_checkpoint(process, tmp_path / "run")
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    last = stderr.decode().strip().splitlines()[-1]
+    assert "interrupted by SIGINT: checkpoint saved at step" in last
+    stopped = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert stopped["stop_reason"] == "interrupted by SIGINT" and stopped["steps"] > 0
+    with checkpoints.open_manager(tmp_path / "run") as manager:
+        assert manager.latest_step() == stopped["steps"]
+    until = stopped["steps"] + 20
+    result = run_cli(tmp_path / "run", text_file, f"--config.train.num_steps={until}")
+    assert result.returncode == 0, result.stderr
+    resumed = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (resumed["resumed_from_step"], resumed["steps"]) == (stopped["steps"], until)
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, text_file):
     workdir = tmp_path / "run"
     config = config_for(text_file, **{"train.num_steps": 20, "train.keep_checkpoints": 2})
@@ -167,8 +186,30 @@ def event_records(path):
     return records
 
 
-def test_event_files_and_plots(tmp_path, text_file):
+def kept_figures(monkeypatch) -> list:
+    """The matplotlib figures that `curves.save_figure` writes from now on (still written)."""
+    figures, save = [], curves.save_figure
+
+    def keep(fig, path, dpi=100):
+        figures.append(fig)
+        save(fig, path, dpi)
+
+    monkeypatch.setattr(curves, "save_figure", keep)
+    return figures
+
+
+def lines_by_label(fig) -> dict:
+    return {line.get_label(): line for line in fig.axes[0].get_lines()}
+
+
+def evals(summary: dict, key: str) -> tuple[list, list]:
+    records = [r for r in summary["history"] if r["kind"] == "eval"]
+    return [r["step"] for r in records], [r[key] for r in records]
+
+
+def test_event_files_and_plots(tmp_path, text_file, monkeypatch):
     assert events.masked_crc32c(b"123456789") == 0xC78AB0E5  # CRC-32C's check value, masked
+    figures = kept_figures(monkeypatch)
     summaries = [
         train.train_and_evaluate(config_for(text_file, **{"train.num_steps": 20}), tmp_path / name)
         for name in ("a", "b")
@@ -191,6 +232,28 @@ def test_event_files_and_plots(tmp_path, text_file):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:4] == b"\x89PNG"
+    # What the plots show: run a's loss curve, then both runs overlaid.
+    ax = figures[0].axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("step", "loss (nats per character)")
+    lines = lines_by_label(figures[0])
+    steps, val = evals(summaries[0], "val_loss")
+    assert steps == [10, 20]
+    assert (
+        list(lines["val loss"].get_xdata()) == steps and list(lines["val loss"].get_ydata()) == val
+    )
+    assert list(lines["train loss"].get_ydata()) == evals(summaries[0], "train_loss")[1]
+    best = lines[f"best {min(val):.4f}"]
+    assert (list(best.get_xdata()), list(best.get_ydata())) == (
+        [steps[val.index(min(val))]],
+        [min(val)],
+    )
+    assert list(lines["train (running)"].get_xdata()) == [10, 20]  # the log steps
+    curves.plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "both_here.png")
+    lines = lines_by_label(figures[-1])
+    assert set(lines) == {"a val", "a train", "b val", "b train"}
+    for name, summary in zip("ab", summaries, strict=True):
+        assert list(lines[f"{name} val"].get_ydata()) == evals(summary, "val_loss")[1]
+        assert list(lines[f"{name} train"].get_ydata()) == evals(summary, "train_loss")[1]
 
 
 def test_disk_full_at_save_time_is_a_clear_error(tmp_path, text_file, monkeypatch):

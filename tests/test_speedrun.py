@@ -19,6 +19,9 @@ from charlm_jax.errors import UserError
 from charlm_jax.model import models
 from charlm_jax.training import optimizers, train
 
+sys.path.insert(0, str(ROOT / "experiments"))  # speedrun.py imports its sibling modules
+import provenance  # noqa: E402
+
 TINY = [f"--set={k}={v}" for k, v in TINY_MODEL["transformer"].items()] + [
     "--set=data.context_length=32",
     "--set=train.batch_size=8",
@@ -78,6 +81,8 @@ def test_budget_spent_before_target_says_how_far_it_got(tmp_path):
     assert " at step 4 in " in line and "whole val text" in line
     record = json.loads(out.read_text())  # what was done is kept
     assert [(r["seed"], r["reached"]) for r in record["runs"]] == [(0, False)]
+    # The parent times each seed's whole process, which outlasts the seed's own clock.
+    assert record["runs"][0]["process_s"] > record["runs"][0]["wall_to_target_s"]
 
 
 def test_record_file(tmp_path):
@@ -88,6 +93,11 @@ def test_record_file(tmp_path):
     assert record["target"] == 3.9 and [r["seed"] for r in record["runs"]] == [3]
     assert record["runs"][0]["reached"] and record["mean"]["steps"] == record["runs"][0]["steps"]
     assert "seed 3: reached 3.9 at step" in result.stdout
+    assert provenance.missing(record) == []
+    assert record["provenance"]["command"] == (
+        f"python experiments/speedrun.py {' '.join(TINY)} --seeds=3 --target=3.9 "
+        f"--check_every=2 --out={out}"
+    )
 
 
 def test_wsd_schedule_holds_then_decays():
