@@ -2,6 +2,7 @@
 
 DIR/config.json        the run's config (everything needed to rebuild the model)
 DIR/tokenizer.json     the tokenizer
+DIR/hf_tokenizer.json  the same tokenizer as a Hugging Face `tokenizers` file
 DIR/checkpoints/STEP/  orbax checkpoints: the latest and the best by validation loss
 DIR/summary.json       written at the end of training
 """
@@ -20,6 +21,7 @@ from absl import logging
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
+from charlm_jax.data import hf_tokenizer
 from charlm_jax.data.tokenizers import Tokenizer, load_tokenizer
 from charlm_jax.errors import UserError
 from charlm_jax.model import models
@@ -157,6 +159,7 @@ def restore_latest_good(
 def save_run_files(workdir: Path, config: ml_collections.ConfigDict, tokenizer) -> None:
     (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
     tokenizer.save(workdir / TOKENIZER_FILE)
+    hf_tokenizer.save(tokenizer, workdir / hf_tokenizer.HF_TOKENIZER_FILE)
 
 
 def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
