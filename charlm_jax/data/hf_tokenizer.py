@@ -77,9 +77,8 @@ def to_hf(tokenizer: Tokenizer) -> hf.Tokenizer:
     normalizer = _normalizer(tokenizer.text_filter)
     if normalizer is not None:
         model.normalizer = normalizer
-    model.decoder = hf.decoders.Sequence(
-        [hf.decoders.Replace(hf.Regex(rf"\A{BPE_UNK}\z"), UNK_TEXT), hf.decoders.Fuse()]
-    )
+    # Also joins the tokens without spaces (as any decoder does: without one, with spaces).
+    model.decoder = hf.decoders.Replace(hf.Regex(rf"\A{BPE_UNK}\z"), UNK_TEXT)
     return model
 
 
