@@ -92,6 +92,8 @@ def test_transformers_computes_the_same_logits(tmp_path, name):
     )[0, prompt.size :].tolist()
     assert generated == _greedy(model, prompt, CONTINUATION)
     assert hf_tokenizer.decode(generated) == tokenizer.decode(generated)
+    spaced = tokenizer.encode("a , b . c 's ?").tolist()  # no clean-up of the spaces
+    assert hf_tokenizer.decode(spaced) == "a , b . c 's ?"
 
 
 @pytest.mark.parametrize(

@@ -101,3 +101,15 @@ def test_random_unicode(tmp_path_factory, vocabulary, text, lowercase, charset, 
     tokenizer = CharTokenizer.from_text(vocabulary + text[: len(text) // 2], True, text_filter)
     assume(tokenizer.chars)  # an empty vocabulary encodes nothing
     _assert_same(tokenizer, _reloaded(tokenizer, tmp_path_factory.mktemp("hf")), text)
+
+
+def test_transformers_loads_it_alike(tmp_path, bpe):
+    transformers = pytest.importorskip("transformers")
+    hf_tokenizer.save(bpe, tmp_path / "tokenizer.json")
+    loaded = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp_path / "tokenizer.json"), clean_up_tokenization_spaces=False
+    )
+    text = SHAKESPEARE[:5000] + " <unk> 日本 ."
+    ids = bpe.encode(text)
+    assert loaded(text)["input_ids"] == ids.tolist()
+    assert loaded.decode(ids) == bpe.decode(ids)
