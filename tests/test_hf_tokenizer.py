@@ -113,3 +113,14 @@ def test_transformers_loads_it_alike(tmp_path, bpe):
     ids = bpe.encode(text)
     assert loaded(text)["input_ids"] == ids.tolist()
     assert loaded.decode(ids) == bpe.decode(ids)
+
+
+@pytest.fixture(scope="module")
+def bpe_file(bpe, tmp_path_factory) -> hf.Tokenizer:
+    return _reloaded(bpe, tmp_path_factory.mktemp("bpe"))
+
+
+@settings(max_examples=50, deadline=None)
+@given(text=TEXT)
+def test_random_unicode_bpe(bpe, bpe_file, text):
+    _assert_same(bpe, bpe_file, text)
