@@ -61,7 +61,7 @@ def add_routes(app: FastAPI, service) -> None:
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:
-        unk = getattr(tokenizer, "unk_id", None) if tokenizer.allow_unknown else None
+        unk = tokenizer.unk_id if tokenizer.allow_unknown else None
         return {
             "tokenizer_class": "PreTrainedTokenizerFast",  # hf_tokenizer.py's form of it
             "kind": tokenizer.kind,

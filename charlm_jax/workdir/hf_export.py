@@ -1,7 +1,8 @@
 """A trained Transformer as a Hugging Face model folder, which
-`transformers.AutoModelForCausalLM.from_pretrained`, `AutoTokenizer.from_pretrained` and
-vLLM (`vllm serve DIR`) load: model.safetensors (float32), config.json,
-generation_config.json, tokenizer.json and tokenizer_config.json.
+`transformers.AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load
+(tests/test_export.py), as do engines that read the same layout such as vLLM (`vllm serve
+DIR`, not tested here): model.safetensors (float32), config.json, generation_config.json,
+tokenizer.json and tokenizer_config.json.
 
 Each model maps onto the standard architecture that computes exactly what it computes:
 
