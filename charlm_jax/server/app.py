@@ -1,5 +1,5 @@
-"""The FastAPI app: OpenAI's /v1/completions and /v1/models, /health, /ready, /metrics and
-the playground at /. Every error is OpenAI's error JSON."""
+"""The FastAPI app: OpenAI's /v1/completions and /v1/models, vLLM's tokenizer routes, /health,
+/ready, /metrics and the playground at /. Every error is OpenAI's error JSON."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from charlm_jax.server import protocol
+from charlm_jax.server import protocol, tokenizer_routes
 from charlm_jax.server.protocol import ApiError
 from charlm_jax.server.service import Job, RequestRecord, Service
 
@@ -42,6 +42,10 @@ def create_app(service: Service) -> FastAPI:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return error_response(ApiError(exc.status_code, message))
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
@@ -90,6 +94,7 @@ def create_app(service: Service) -> FastAPI:
     async def playground() -> HTMLResponse:
         return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
 
+    tokenizer_routes.add_routes(app, service)
     return app
 
 

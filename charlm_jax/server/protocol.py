@@ -4,7 +4,7 @@ the JSON of responses, stream chunks and errors."""
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +25,7 @@ NEUTRAL = {
     "logit_bias": {},
     "suffix": "",
 }
+Body = TypeVar("Body", bound=BaseModel)
 
 
 class ApiError(Exception):
@@ -65,7 +66,12 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
     model: str | None = None  # None: the served model
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | Annotated[list[int], Field(min_length=1)]  # token ids
+        | Annotated[list[list[int]], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
     max_tokens: int | None = 16
     temperature: float | None = 1.0
     top_p: float | None = 1.0
@@ -85,8 +91,10 @@ class CompletionRequest(BaseModel):
     suffix: str | None = None
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a text or token ids."""
+        single = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
+        return [self.prompt] if single else self.prompt
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -102,8 +110,8 @@ class CompletionRequest(BaseModel):
         return json.dumps([model_id, step, quantize, sampling], sort_keys=True)
 
 
-def parse_request(body: bytes, max_tokens_limit: int) -> CompletionRequest:
-    """The checked request; ApiError(400) naming the first bad field."""
+def parse_json(body: bytes, model: type[Body]) -> Body:
+    """`body` as a `model`; ApiError(400) naming the first bad field."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -111,12 +119,17 @@ def parse_request(body: bytes, max_tokens_limit: int) -> CompletionRequest:
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:
-        request = CompletionRequest.model_validate(data)
+        return model.model_validate(data)
     except pydantic.ValidationError as e:
         errors = e.errors()  # a union lists each member's error: the first not about type
         error = next((x for x in errors if not x["type"].endswith("_type")), errors[0])
         where = ".".join(str(part) for part in error["loc"][:2] if not _is_type_tag(part))
         raise ApiError(400, f"{where}: {error['msg']}", param=where.split(".")[0]) from None
+
+
+def parse_request(body: bytes, max_tokens_limit: int) -> CompletionRequest:
+    """The checked request; ApiError(400) naming the first bad field."""
+    request = parse_json(body, CompletionRequest)
     _fill_defaults(request)
     for name, neutral in NEUTRAL.items():
         if getattr(request, name) not in (None, neutral):

@@ -17,7 +17,7 @@ from absl import logging
 from charlm_jax.data.tokenizers import Tokenizer
 from charlm_jax.decoding import engine
 from charlm_jax.model import int8
-from charlm_jax.server import protocol
+from charlm_jax.server import protocol, tokenizer_routes
 from charlm_jax.server.cache import OutputCache
 from charlm_jax.server.prometheus import Metrics
 from charlm_jax.server.protocol import ApiError, CompletionRequest
@@ -104,7 +104,10 @@ class Service:
             await asyncio.sleep(0.05)
         await asyncio.to_thread(self.scheduler.stop)
 
-    def encode(self, prompt: str) -> np.ndarray:
+    def encode(self, prompt: str | list[int]) -> np.ndarray:
+        """A prompt's token ids (text encoded, or token ids checked); ApiError(400)."""
+        if not isinstance(prompt, str):
+            return tokenizer_routes.token_ids(prompt, self.tokenizer.vocab_size, "prompt")
         if not prompt:
             return np.array([self.start_id], np.int32)
         try:
@@ -250,8 +253,10 @@ class Job:
             for c in range(len(self.sequences))
         ]
         if body.echo:
+            decode = self.service.tokenizer.decode
             for c, choice in enumerate(choices):
-                choice["text"] = body.prompts[c // body.n]
+                prompt = body.prompts[c // body.n]
+                choice["text"] = prompt if isinstance(prompt, str) else decode(prompt)
             yield [dict(choice) for choice in choices]
         left, tokens = len(choices), 0
         while left:

@@ -2,6 +2,7 @@
 
 DIR/config.json        the run's config (everything needed to rebuild the model)
 DIR/tokenizer.json     the tokenizer
+DIR/hf_tokenizer.json  the same tokenizer as a Hugging Face `tokenizers` file
 DIR/checkpoints/STEP/  orbax checkpoints: the latest and the best by validation loss
 DIR/summary.json       written at the end of training
 DIR/quantization.json  only in an int8 export: {"mode": "int8"}, its checkpoints' format
@@ -21,6 +22,7 @@ from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
 from charlm_jax import config_defaults
+from charlm_jax.data import hf_tokenizer
 from charlm_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -181,6 +183,7 @@ def check_new_workdir(workdir: Path) -> None:
 def save_run_files(workdir: Path, config: ml_collections.ConfigDict, tokenizer) -> None:
     (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
     tokenizer.save(workdir / TOKENIZER_FILE)
+    hf_tokenizer.save(tokenizer, workdir / hf_tokenizer.HF_TOKENIZER_FILE)
 
 
 def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
