@@ -27,7 +27,7 @@ from flax import nnx
 from charlm_jax.data.tokenizers import CharTokenizer
 from charlm_jax.errors import UserError
 from charlm_jax.model import models
-from charlm_jax.server.app import create_app
+from charlm_jax.server.app import server_config
 from charlm_jax.server.cache import OutputCache
 from charlm_jax.server.service import ServeOptions, Service
 from charlm_jax.workdir import checkpoints
@@ -117,11 +117,12 @@ def server_process(workdir, server, compilation_cache):
 
 
 class LiveServer:
-    """A uvicorn server in a thread over `service`."""
+    """A uvicorn server in a thread over `service`, with `serve.py`'s connection limits
+    (`server_config`'s keyword arguments: `max_connections`, `header_timeout`)."""
 
-    def __init__(self, service: Service):
+    def __init__(self, service: Service, **limits):
         self.service = service
-        config = uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning")
+        config = server_config(service, "127.0.0.1", 0, log_level="warning", **limits)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -139,7 +140,9 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def server(workdir, compilation_cache):
-    options = ServeOptions(max_tokens_limit=LONG * 2)
+    options = ServeOptions(
+        max_tokens_limit=LONG * 2, max_request_tokens=LONG * 2, max_queued_tokens=LONG * 8
+    )
     live = LiveServer(Service.from_workdir(workdir, num_slots=NUM_SLOTS, options=options))
     yield live
     live.stop()
@@ -152,14 +155,17 @@ def client(server):
 
 @contextlib.contextmanager
 def options(service: Service, **changes):
-    """The service's options changed for the duration (queue bound included)."""
-    saved, saved_queue = service.options, service.scheduler.max_queue
-    service.options = dataclasses.replace(saved, **changes)
-    service.scheduler.max_queue = service.options.max_queue
+    """The service's options changed for the duration (the scheduler's bounds included)."""
+    saved, scheduler = service.options, service.scheduler
+    saved_bounds = scheduler.max_queue, scheduler.max_tokens, scheduler.step_timeout
+    service.options = new = dataclasses.replace(saved, **changes)
+    scheduler.max_queue, scheduler.max_tokens = new.max_queue, new.max_queued_tokens
+    scheduler.step_timeout = new.step_timeout
     try:
         yield
     finally:
-        service.options, service.scheduler.max_queue = saved, saved_queue
+        service.options = saved
+        scheduler.max_queue, scheduler.max_tokens, scheduler.step_timeout = saved_bounds
 
 
 def metric(server, name, labels=""):
@@ -273,11 +279,12 @@ def test_reproducible_among_60_others(server, client):
     def other(i):
         return client.completions.create(
             model="tiny:1",
-            prompt=TEXT[i % 20 :],
+            prompt=TEXT[i % 20 :],  # longer than the context: its last 16 tokens
             max_tokens=10 + i,
             temperature=1.0,
             seed=i,
             stream=i % 2 == 0,
+            extra_body={"truncate_prompt_tokens": 16},
         )
 
     with concurrent.futures.ThreadPoolExecutor(61) as pool:

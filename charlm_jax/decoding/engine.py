@@ -42,6 +42,9 @@ TOP_LOGPROBS = 5  # alternatives reported per token
 # and that a finished or full slot idles little until the call ends (docs/decoding.md).
 STEPS_PER_CALL = 16
 MIN_PREFILL = 8  # the narrowest prefill: fewer compiled shapes, little waste
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+INT32_MAX = 2**31 - 1
 
 
 class SamplingParams(NamedTuple):
@@ -51,13 +54,14 @@ class SamplingParams(NamedTuple):
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_tokens: int):
-    """Raises ValueError naming the first bad argument."""
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    """Raises ValueError naming the first bad argument: each value must fit the float32 and
+    int32 arrays of a step, so that a bad request fails alone, before it reaches a slot."""
+    if not 0 <= temperature <= FLOAT32_MAX:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
+    if not FLOAT32_TINY <= top_p <= 1:  # a smaller top_p is 0 in float32: no filtering
+        raise ValueError(f"top_p must be in (0, 1] (and >= {FLOAT32_TINY:.3g}), got {top_p}")
+    if not 0 <= top_k <= INT32_MAX:
+        raise ValueError(f"top_k must be >= 0 (0 disables it) and <= {INT32_MAX}, got {top_k}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
 
