@@ -45,9 +45,7 @@ def create_app(service: Service) -> FastAPI:
         watchdog.cancel()
         await asyncio.to_thread(service.scheduler.stop)
 
-    app = FastAPI(
-        title="charlm-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
-    )
+    app = FastAPI(title="charlm-jax", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(Guard, service=service)
 
     @app.exception_handler(HTTPException)
@@ -59,7 +57,7 @@ def create_app(service: Service) -> FastAPI:
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         return error_response(ApiError(500, f"internal error: {exc!r}"))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **protocol.COMPLETIONS_OPENAPI)
     async def completions(request: Request) -> Response:
         record = RequestRecord(service)
         try:

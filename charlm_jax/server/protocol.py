@@ -242,6 +242,70 @@ def _fill_defaults(request: CompletionRequest) -> None:
             setattr(request, name, value)
 
 
+def _inlined(schema: dict) -> dict:
+    """A pydantic JSON schema with its `$defs` references replaced by the definitions (so
+    that it can sit inside an OpenAPI document)."""
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            return (
+                inline(defs[ref.split("/")[-1]]) if ref else {k: inline(v) for k, v in node.items()}
+            )
+        return [inline(x) for x in node] if isinstance(node, list) else node
+
+    return inline(schema)
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+_ERRORS = {
+    400: "an invalid request, or one that can never fit",
+    401: "no valid API key",
+    404: "an unknown model",
+    408: "the body arrived too slowly",
+    413: "the body is too large",
+    415: "the body is not JSON",
+    429: "busy: retry after Retry-After seconds",
+    500: "the model failed on this request",
+    503: "the engine failed, or the server is shutting down",
+    504: "past the request timeout",
+}
+# The OpenAPI description of POST /v1/completions (the route reads its body itself).
+COMPLETIONS_OPENAPI = {
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": _inlined(CompletionRequest.model_json_schema())}
+            },
+        }
+    },
+    "responses": {
+        200: {"description": "the completion, or server-sent events of its chunks"},
+        **{
+            status: {"description": why, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+            for status, why in _ERRORS.items()
+        },
+    },
+}
+
+
 def logprobs_json(
     token_text: list[str], ids, logprobs, top_ids, top_logprobs, starts: list[int], k: int
 ) -> dict:
