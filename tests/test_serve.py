@@ -18,6 +18,7 @@ import time
 
 import httpx
 import jax
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -29,6 +30,7 @@ from charlm_jax.errors import UserError
 from charlm_jax.model import models
 from charlm_jax.server.app import server_config
 from charlm_jax.server.cache import OutputCache
+from charlm_jax.server.scheduler import Scheduler
 from charlm_jax.server.service import ServeOptions, Service
 from charlm_jax.workdir import checkpoints
 
@@ -127,7 +129,7 @@ class LiveServer:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 120
-        while not (self.server.started and service.status == "ready"):
+        while not (self.server.started and service.status in ("ready", "failed")):
             assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
             time.sleep(0.05)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
@@ -527,4 +529,20 @@ def test_workdir_checkpoint_and_quantization(workdir, tmp_path):
         Service.from_workdir(tmp_path)
     with pytest.raises(ValueError, match="unknown quantization mode 'int4'"):
         Service.from_workdir(workdir, quantize="int4")
-    assert Service.from_workdir(workdir, "latest", quantize="int8").info.id == "tiny:1:int8"
+    service = Service.from_workdir(workdir, "latest", num_slots=8, quantize="int8")
+    assert service.info.id == "tiny:1:int8"
+
+
+def test_int8_server_decodes_through_int8(workdir, monkeypatch):
+    # Without the warm-up only the shapes this request needs compile (seconds, not a minute).
+    monkeypatch.setattr(Scheduler, "_warm_up", lambda self: None)
+    service = Service.from_workdir(workdir, num_slots=8, quantize="int8")
+    weights = jax.tree.leaves(service.scheduler.engine._weights)
+    assert any(x.dtype == np.int8 for x in weights)  # the int8 model itself, not a float32 copy
+    live = LiveServer(service)
+    try:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="none", max_retries=0)
+        out = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=8)
+        assert out.model == "tiny:1:int8" and out.usage.completion_tokens == 8
+    finally:
+        live.stop()
