@@ -14,8 +14,15 @@ import prometheus_client
 import uvicorn
 from absl import logging
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
@@ -27,6 +34,7 @@ PLAYGROUND = Path(__file__).with_name("playground.html")
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection (logs only)
 WATCHDOG_PERIOD = 0.25  # seconds between the watchdog's looks at the engine thread
 OPEN_PATHS = ("/health",)  # answered without the API key (load balancers' probes)
+UNAVAILABLE = {503: {"description": "the engine failed (or, for /ready: not ready yet)"}}
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -51,7 +59,10 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         message = f"{request.method} {request.url.path}: {exc.detail}"
-        return error_response(ApiError(exc.status_code, message, headers=exc.headers))
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette's Allow names one route's methods, not the path's
+            headers = {"Allow": ", ".join(_methods_at(app, request.scope))}
+        return error_response(ApiError(exc.status_code, message, headers=headers))
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
@@ -81,23 +92,25 @@ def create_app(service: Service) -> FastAPI:
         }
         return {"object": "list", "data": [model]}
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.get("/health", responses=UNAVAILABLE)
+    @app.head("/health", include_in_schema=False)
     async def health() -> JSONResponse:
         failure = service.scheduler.check()
         body = {"status": "failed", "error": failure} if failure else {"status": "ok"}
         return JSONResponse(body, status_code=503 if failure else 200)
 
-    @app.api_route("/ready", methods=["GET", "HEAD"])
+    @app.get("/ready", responses=UNAVAILABLE)
+    @app.head("/ready", include_in_schema=False)
     async def ready() -> JSONResponse:
         status = service.status
         return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         text = prometheus_client.generate_latest(service.metrics.registry)
         return Response(text, media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
-    @app.get("/")
+    @app.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
         return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
 
@@ -193,6 +206,15 @@ class EventStream(StreamingResponse):
             )
         finally:
             await self.body_iterator.aclose()  # its `finally` cancels the job's sequences
+
+
+def _methods_at(app: FastAPI, scope: Scope) -> list[str]:
+    """The methods that the routes at the request's path answer."""
+    methods = set()
+    for route in app.routes:
+        if route.matches(scope)[0] != Match.NONE:
+            methods |= getattr(route, "methods", set())
+    return sorted(methods)
 
 
 async def _watch(service: Service) -> None:

@@ -242,9 +242,15 @@ def _fill_defaults(request: CompletionRequest) -> None:
             setattr(request, name, value)
 
 
-def _inlined(schema: dict) -> dict:
-    """A pydantic JSON schema with its `$defs` references replaced by the definitions (so
-    that it can sit inside an OpenAPI document)."""
+def _request_schema() -> dict:
+    """The request's JSON schema for the OpenAPI document: pydantic's, with the fixed
+    bounds of RANGES, and its `$defs` references inlined."""
+    schema = CompletionRequest.model_json_schema()
+    for name, (low, high) in RANGES.items():
+        if not isinstance(low, str):
+            schema["properties"][name]["minimum"] = low
+        if not isinstance(high, str):
+            schema["properties"][name]["maximum"] = high
     defs = schema.pop("$defs", {})
 
     def inline(node):
@@ -291,9 +297,7 @@ COMPLETIONS_OPENAPI = {
     "openapi_extra": {
         "requestBody": {
             "required": True,
-            "content": {
-                "application/json": {"schema": _inlined(CompletionRequest.model_json_schema())}
-            },
+            "content": {"application/json": {"schema": _request_schema()}},
         }
     },
     "responses": {
