@@ -471,7 +471,9 @@ def train_and_evaluate(
     wall_start = time.perf_counter()
     validate(config)
     with contextlib.ExitStack() as closing:
-        run, model_state, opt_state = _setup(config, layout.prepare(workdir), closing)
+        workdir = layout.prepare(workdir)
+        closing.enter_context(layout.locked(workdir))
+        run, model_state, opt_state = _setup(config, workdir, closing)
         tc, step, pending, stop_reason = run.config.train, run.start_step, [], None
         logging.info("Training %d steps of %d tokens from step %d",
                      tc.num_steps, run.tokens_per_step, step)  # fmt: skip
