@@ -137,23 +137,23 @@ class DrainingServer(uvicorn.Server):
 def main(argv: list[str]) -> None:
     cli.start(argv)
     cli.use_compilation_cache(FLAGS.compilation_cache)
-    options = ServeOptions(
-        max_queue=FLAGS.max_queue,
-        max_request_tokens=FLAGS.max_request_tokens,
-        max_queued_tokens=FLAGS.max_queued_tokens,
-        request_timeout=FLAGS.request_timeout,
-        step_timeout=FLAGS.step_timeout,
-        max_tokens_limit=FLAGS.max_tokens_limit,
-        max_body_bytes=FLAGS.max_body_kb << 10,
-        body_timeout=FLAGS.body_timeout,
-        send_timeout=FLAGS.send_timeout,
-        api_key=FLAGS.api_key or os.environ.get("CHARLM_API_KEY") or None,
-        allowed_hosts=tuple(FLAGS.allowed_hosts),
-        log_prompts=FLAGS.log_prompts,
-        cache_entries=FLAGS.cache_entries,
-        cache_bytes=FLAGS.cache_mb << 20,
-    )
     with cli.exit_on_error(), cli.stderr_held():
+        options = ServeOptions(
+            max_queue=FLAGS.max_queue,
+            max_request_tokens=FLAGS.max_request_tokens,
+            max_queued_tokens=FLAGS.max_queued_tokens,
+            request_timeout=FLAGS.request_timeout,
+            step_timeout=FLAGS.step_timeout,
+            max_tokens_limit=FLAGS.max_tokens_limit,
+            max_body_bytes=FLAGS.max_body_kb << 10,
+            body_timeout=FLAGS.body_timeout,
+            send_timeout=FLAGS.send_timeout,
+            api_key=FLAGS.api_key or os.environ.get("CHARLM_API_KEY") or None,
+            allowed_hosts=tuple(FLAGS.allowed_hosts),
+            log_prompts=FLAGS.log_prompts,
+            cache_entries=FLAGS.cache_entries,
+            cache_bytes=FLAGS.cache_mb << 20,
+        )
         service = Service.from_workdir(
             Path(FLAGS.workdir), cli.checkpoint_arg(FLAGS.checkpoint), FLAGS.num_slots,
             FLAGS.quantize, options,

@@ -2,6 +2,8 @@
 returns, a failed warm-up. Live servers on 127.0.0.1 over a scripted engine (no model, no
 compilation), so that each test can break one; and one request through int8 dots."""
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -9,6 +11,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from conftest import ROOT
 from test_serve import TEXT, LiveServer, metric, wait_until
 
 from charlm_jax.data.tokenizers import CharTokenizer
@@ -172,3 +175,15 @@ def test_stop_during_warm_up_does_not_wait_for_it(monkeypatch):
     service.scheduler.stop()
     assert time.monotonic() - start < 5
     release.set()
+
+
+def test_server_flags_are_checked():
+    for flag in ("--max_queue=0", "--cache_mb=-1"):
+        result = subprocess.run(
+            [sys.executable, "-m", "charlm_jax.serve", "--workdir=unused", flag],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert result.returncode != 0 and flag.split("=")[0] in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr

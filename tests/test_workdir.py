@@ -95,3 +95,19 @@ def test_a_torn_last_metrics_line_is_left_out(tmp_path):
     log = metrics.MetricsLog(tmp_path, start_step=20)
     log.close()
     assert (tmp_path / metrics.METRICS_FILE).read_text() == text
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("config.json", '{"model": {"name": "transformer"}}'),
+        ("config.json", "[1, 2]"),
+        ("tokenizer.json", '{"kind": "char"}'),
+        ("tokenizer.json", "[]"),
+    ],
+)
+def test_structurally_wrong_run_files_are_one_line(saved, name, text):
+    workdir, _ = saved
+    (workdir / name).write_text(text)
+    with pytest.raises(UserError, match="is not one a run writes|cannot read"):
+        checkpoints.load_model(workdir)

@@ -195,7 +195,7 @@ def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
     path = Path(workdir) / CONFIG_FILE
     try:
         return ml_collections.ConfigDict(json.loads(path.read_text()))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, AttributeError, TypeError) as e:  # not JSON; not an object
         raise UserError(f"cannot read the run's config {path}: {e}") from None
 
 
@@ -213,8 +213,16 @@ def load_model(
     if not (workdir / CHECKPOINT_DIR).is_dir():
         raise UserError(f"no checkpoints in {workdir}")
     config = read_run_config(workdir)
-    tokenizer = load_tokenizer(workdir / TOKENIZER_FILE)
-    model = models.abstract_model(config, tokenizer.vocab_size)
+    try:
+        tokenizer = load_tokenizer(workdir / TOKENIZER_FILE)
+        model = models.abstract_model(config, tokenizer.vocab_size)
+    except UserError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # a field missing or wrong
+        raise UserError(
+            f"the {CONFIG_FILE} or {TOKENIZER_FILE} in {workdir} is not one a run writes: "
+            f"{type(e).__name__}: {e}"
+        ) from None
     if transform is not None:
         model = nnx.eval_shape(transform, model)
     graphdef, abstract_state = nnx.split(model)
