@@ -529,8 +529,9 @@ def test_workdir_checkpoint_and_quantization(workdir, tmp_path):
         Service.from_workdir(tmp_path)
     with pytest.raises(ValueError, match="unknown quantization mode 'int4'"):
         Service.from_workdir(workdir, quantize="int4")
-    service = Service.from_workdir(workdir, "latest", num_slots=8, quantize="int8")
-    assert service.info.id == "tiny:1:int8"
+    service = Service.from_workdir(workdir, "latest", num_slots=NUM_SLOTS, quantize="int8")
+    assert service.info.id == "tiny:1:int8"  # and int8 is what decodes, below 8 slots too:
+    assert any(x.dtype == np.int8 for x in jax.tree.leaves(service.scheduler.engine._weights))
 
 
 def test_int8_server_decodes_through_int8(workdir, monkeypatch):
