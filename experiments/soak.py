@@ -17,6 +17,7 @@ It shares load_test.py's flags (the server's, the prompts', the lengths', --warm
 import asyncio
 import collections
 import json
+import logging
 import random
 import socket
 import sys
@@ -39,7 +40,6 @@ KNOWN_REFUSALS = (
 )
 # Timeouts for a server of our own, short so that the slow attacks cycle.
 OWN_SERVER_FLAGS = ("--send_timeout=2", "--header_timeout=2", "--body_timeout=2")
-STREAM = {"stream": True, "max_tokens": 2000}
 STALL_SECONDS = 10
 
 
@@ -82,7 +82,7 @@ def request_bytes(body: dict) -> bytes:
 
 
 async def disconnect(http: httpx.AsyncClient, url: str) -> str:
-    body = {"prompt": "R", **STREAM}
+    body = {"prompt": "R", "max_tokens": FLAGS.max_tokens, "stream": True}
     async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
         async for _ in response.aiter_lines():
             break  # gone after the first event
@@ -94,7 +94,9 @@ def attacks(http: httpx.AsyncClient, url: str) -> dict:
     absurd = b'{"prompt": "R", "top_k": 2147483648, "temperature": 1e999}'
     never_fits = json.dumps({"prompt": ["R"] * 64, "n": 16}).encode()
     deep = b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
-    never_read = request_bytes({"prompt": "R", "n": 16, "logprobs": 5, **STREAM})
+    never_read = request_bytes(
+        {"prompt": "R", "n": 16, "logprobs": 5, "max_tokens": FLAGS.max_tokens, "stream": True}
+    )
     as_json = "application/json"
     return {
         "oversized body": lambda: post(http, url, b" " * (4 << 20), as_json),
@@ -140,6 +142,7 @@ async def soak(url: str, rng: random.Random, seconds: float) -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) > 1 or (FLAGS.url is None) == (FLAGS.workdir is None):
         raise app.UsageError("give either --url or --workdir")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     rng = random.Random(FLAGS.seed)
     server = Server(FLAGS.workdir, *OWN_SERVER_FLAGS) if FLAGS.workdir else None
     url = server.url if server else FLAGS.url.rstrip("/")

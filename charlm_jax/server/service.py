@@ -113,7 +113,7 @@ class Service:
 
     @property
     def status(self) -> str:
-        if self.scheduler.check():
+        if self.scheduler.failure:
             return "failed"
         if self.draining:
             return "draining"
