@@ -39,7 +39,10 @@ KNOWN_REFUSALS = (
     "Exceeded concurrency limit",  # uvicorn's 503 past --max_connections
 )
 # Timeouts for a server of our own, short so that the slow attacks cycle.
-OWN_SERVER_FLAGS = ("--send_timeout=2", "--header_timeout=2", "--body_timeout=2")
+OWN_SERVER_FLAGS = (
+    "--send_timeout=2", "--header_timeout=2", "--body_timeout=2", "--max_tokens_limit=2048"
+)  # fmt: skip
+NEVER_READ_TOKENS = 2048  # x 16 choices with log-probs: more than the socket buffers hold
 STALL_SECONDS = 10
 
 
@@ -95,7 +98,7 @@ def attacks(http: httpx.AsyncClient, url: str) -> dict:
     never_fits = json.dumps({"prompt": ["R"] * 64, "n": 16}).encode()
     deep = b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
     never_read = request_bytes(
-        {"prompt": "R", "n": 16, "logprobs": 5, "max_tokens": FLAGS.max_tokens, "stream": True}
+        {"prompt": "R", "n": 16, "logprobs": 5, "max_tokens": NEVER_READ_TOKENS, "stream": True}
     )
     as_json = "application/json"
     return {
