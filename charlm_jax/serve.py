@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,22 +22,78 @@ import uvicorn
 from absl import app, flags, logging
 
 from charlm_jax import cli
-from charlm_jax.server.app import create_app
+from charlm_jax.server.app import server_config
 from charlm_jax.server.service import ServeOptions, Service
 
 flags.DEFINE_string("workdir", None, "A trained run's directory.", required=True)
 flags.DEFINE_string("checkpoint", "best", 'Checkpoint: "best", "latest" or a step number.')
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
-flags.DEFINE_integer("num_slots", 16, "Sequences decoded together (the engine's batch).")
-flags.DEFINE_integer("max_queue", 256, "Sequences allowed to wait for a slot; more get 429.")
-flags.DEFINE_float("request_timeout", 60.0, "Seconds a request may take, waiting included.")
-flags.DEFINE_integer("max_tokens_limit", 2048, "The largest max_tokens a request may ask for.")
+flags.DEFINE_integer(
+    "num_slots", 16, "Sequences decoded together (the engine's batch).", lower_bound=1
+)
+flags.DEFINE_integer(
+    "max_queue", 256, "Sequences allowed to wait for a slot; more get 429.", lower_bound=1
+)
+flags.DEFINE_integer(
+    "max_request_tokens",
+    1 << 16,
+    "Most tokens one request may need, prompts x n x (prompt + max_tokens); more get 400.",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
+    "max_queued_tokens",
+    1 << 18,
+    "Most tokens the admitted requests may need together; more get 429.",
+    lower_bound=1,
+)
+flags.DEFINE_float(
+    "request_timeout", 60.0, "Seconds a request may take, waiting included.", lower_bound=0.001
+)
+flags.DEFINE_float(
+    "step_timeout",
+    30.0,
+    "Seconds an engine step may take; longer fails the engine (503).",
+    lower_bound=0.001,
+)
+flags.DEFINE_integer(
+    "max_tokens_limit", 2048, "The largest max_tokens a request may ask for.", lower_bound=1
+)
+flags.DEFINE_integer(
+    "max_body_kb", 1024, "Most kilobytes in a request body; more get 413.", lower_bound=1
+)
+flags.DEFINE_float(
+    "body_timeout",
+    10.0,
+    "Seconds a request body may take to arrive; more get 408.",
+    lower_bound=0.001,
+)
+flags.DEFINE_float(
+    "header_timeout",
+    10.0,
+    "Seconds a new connection has to send its request headers.",
+    lower_bound=0.001,
+)
+flags.DEFINE_float(
+    "send_timeout",
+    30.0,
+    "Seconds a stream waits for a client that does not read.",
+    lower_bound=0.001,
+)
+flags.DEFINE_integer("max_connections", 256, "Open connections; more get 503.", lower_bound=1)
+flags.DEFINE_string(
+    "api_key",
+    None,
+    "Require `Authorization: Bearer KEY` (not for /health); default $CHARLM_API_KEY.",
+)
+flags.DEFINE_list("allowed_hosts", [], "Host header names the server answers (empty: any).")
 flags.DEFINE_bool("log_prompts", False, "Put each request's prompts in its log line.")
 flags.DEFINE_string("quantize", "none", 'Dense layers: "none" (float32) or "int8" dots.')
-flags.DEFINE_float("grace_period", 30.0, "Seconds running requests get to finish on SIGTERM.")
-flags.DEFINE_integer("cache_entries", 1024, "Output cache: most completions kept.")
-flags.DEFINE_integer("cache_mb", 64, "Output cache: most megabytes kept.")
+flags.DEFINE_float(
+    "grace_period", 30.0, "Seconds running requests get to finish on SIGTERM.", lower_bound=0
+)
+flags.DEFINE_integer("cache_entries", 1024, "Output cache: most completions kept.", lower_bound=0)
+flags.DEFINE_integer("cache_mb", 64, "Output cache: most megabytes kept.", lower_bound=0)
 cli.define_compilation_cache_flag()
 FLAGS = flags.FLAGS
 
@@ -80,15 +137,23 @@ class DrainingServer(uvicorn.Server):
 def main(argv: list[str]) -> None:
     cli.start(argv)
     cli.use_compilation_cache(FLAGS.compilation_cache)
-    options = ServeOptions(
-        max_queue=FLAGS.max_queue,
-        request_timeout=FLAGS.request_timeout,
-        max_tokens_limit=FLAGS.max_tokens_limit,
-        log_prompts=FLAGS.log_prompts,
-        cache_entries=FLAGS.cache_entries,
-        cache_bytes=FLAGS.cache_mb << 20,
-    )
     with cli.exit_on_error(), cli.stderr_held():
+        options = ServeOptions(
+            max_queue=FLAGS.max_queue,
+            max_request_tokens=FLAGS.max_request_tokens,
+            max_queued_tokens=FLAGS.max_queued_tokens,
+            request_timeout=FLAGS.request_timeout,
+            step_timeout=FLAGS.step_timeout,
+            max_tokens_limit=FLAGS.max_tokens_limit,
+            max_body_bytes=FLAGS.max_body_kb << 10,
+            body_timeout=FLAGS.body_timeout,
+            send_timeout=FLAGS.send_timeout,
+            api_key=FLAGS.api_key or os.environ.get("CHARLM_API_KEY") or None,
+            allowed_hosts=tuple(FLAGS.allowed_hosts),
+            log_prompts=FLAGS.log_prompts,
+            cache_entries=FLAGS.cache_entries,
+            cache_bytes=FLAGS.cache_mb << 20,
+        )
         service = Service.from_workdir(
             Path(FLAGS.workdir),
             cli.checkpoint_arg(FLAGS.checkpoint),
@@ -97,10 +162,14 @@ def main(argv: list[str]) -> None:
             options,
         )
     logging.info("serving %s on http://%s:%d", service.info.id, FLAGS.host, FLAGS.port)
-    config = uvicorn.Config(
-        create_app(service),
-        host=FLAGS.host,
-        port=FLAGS.port,
+    if options.api_key is None and FLAGS.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.warning("listening on %s without an API key (--api_key)", FLAGS.host)
+    config = server_config(
+        service,
+        FLAGS.host,
+        FLAGS.port,
+        FLAGS.max_connections,
+        FLAGS.header_timeout,
         access_log=False,
         timeout_graceful_shutdown=5,
     )

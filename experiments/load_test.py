@@ -202,9 +202,10 @@ def engine_tokens_per_second(workdir: str, bodies: list[dict], repeats: int = 3)
 
 
 class Server:
-    """`python -m charlm_jax.serve` on a free port, for the test's duration."""
+    """`python -m charlm_jax.serve` on a free port, for the test's duration; its log lines
+    that say "error" or "warning" are printed and kept in `log_errors`."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, *flags: str):
         command = [
             sys.executable,
             "-m",
@@ -215,9 +216,11 @@ class Server:
             f"--max_queue={FLAGS.max_queue}",
             f"--quantize={FLAGS.quantize}",
             f"--max_tokens_limit={max(FLAGS.max_tokens, 16)}",
+            *flags,
         ]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         self.url = None
+        self.log_errors: list[str] = []
         started = threading.Event()
 
         def read():
@@ -225,7 +228,8 @@ class Server:
                 if found := re.search(r"running on (http://\S+)", line):
                     self.url = found.group(1)
                     started.set()
-                elif "error" in line.lower():
+                elif "error" in line.lower() or line.startswith(("W", "E")):
+                    self.log_errors.append(line)
                     print("server:", line, end="", file=sys.stderr)
             started.set()
 

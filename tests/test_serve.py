@@ -18,6 +18,7 @@ import time
 
 import httpx
 import jax
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -27,8 +28,9 @@ from flax import nnx
 from charlm_jax.data.tokenizers import CharTokenizer
 from charlm_jax.errors import UserError
 from charlm_jax.model import models
-from charlm_jax.server.app import create_app
+from charlm_jax.server.app import server_config
 from charlm_jax.server.cache import OutputCache
+from charlm_jax.server.scheduler import Scheduler
 from charlm_jax.server.service import ServeOptions, Service
 from charlm_jax.workdir import checkpoints
 
@@ -117,16 +119,17 @@ def server_process(workdir, server, compilation_cache):
 
 
 class LiveServer:
-    """A uvicorn server in a thread over `service`."""
+    """A uvicorn server in a thread over `service`, with `serve.py`'s connection limits
+    (`server_config`'s keyword arguments: `max_connections`, `header_timeout`)."""
 
-    def __init__(self, service: Service):
+    def __init__(self, service: Service, **limits):
         self.service = service
-        config = uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning")
+        config = server_config(service, "127.0.0.1", 0, log_level="warning", **limits)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 120
-        while not (self.server.started and service.status == "ready"):
+        while not (self.server.started and service.status in ("ready", "failed")):
             assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
             time.sleep(0.05)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
@@ -139,7 +142,9 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def server(workdir, compilation_cache):
-    options = ServeOptions(max_tokens_limit=LONG * 2)
+    options = ServeOptions(
+        max_tokens_limit=LONG * 2, max_request_tokens=LONG * 2, max_queued_tokens=LONG * 8
+    )
     live = LiveServer(Service.from_workdir(workdir, num_slots=NUM_SLOTS, options=options))
     yield live
     live.stop()
@@ -152,14 +157,17 @@ def client(server):
 
 @contextlib.contextmanager
 def options(service: Service, **changes):
-    """The service's options changed for the duration (queue bound included)."""
-    saved, saved_queue = service.options, service.scheduler.max_queue
-    service.options = dataclasses.replace(saved, **changes)
-    service.scheduler.max_queue = service.options.max_queue
+    """The service's options changed for the duration (the scheduler's bounds included)."""
+    saved, scheduler = service.options, service.scheduler
+    saved_bounds = scheduler.max_queue, scheduler.max_tokens, scheduler.step_timeout
+    service.options = new = dataclasses.replace(saved, **changes)
+    scheduler.max_queue, scheduler.max_tokens = new.max_queue, new.max_queued_tokens
+    scheduler.step_timeout = new.step_timeout
     try:
         yield
     finally:
-        service.options, service.scheduler.max_queue = saved, saved_queue
+        service.options = saved
+        scheduler.max_queue, scheduler.max_tokens, scheduler.step_timeout = saved_bounds
 
 
 def metric(server, name, labels=""):
@@ -273,11 +281,12 @@ def test_reproducible_among_60_others(server, client):
     def other(i):
         return client.completions.create(
             model="tiny:1",
-            prompt=TEXT[i % 20 :],
+            prompt=TEXT[i % 20 :],  # longer than the context: its last 16 tokens
             max_tokens=10 + i,
             temperature=1.0,
             seed=i,
             stream=i % 2 == 0,
+            extra_body={"truncate_prompt_tokens": 16},
         )
 
     with concurrent.futures.ThreadPoolExecutor(61) as pool:
@@ -520,4 +529,21 @@ def test_workdir_checkpoint_and_quantization(workdir, tmp_path):
         Service.from_workdir(tmp_path)
     with pytest.raises(ValueError, match="unknown quantization mode 'int4'"):
         Service.from_workdir(workdir, quantize="int4")
-    assert Service.from_workdir(workdir, "latest", quantize="int8").info.id == "tiny:1:int8"
+    service = Service.from_workdir(workdir, "latest", num_slots=NUM_SLOTS, quantize="int8")
+    assert service.info.id == "tiny:1:int8"  # and int8 is what decodes, below 8 slots too:
+    assert any(x.dtype == np.int8 for x in jax.tree.leaves(service.scheduler.engine._weights))
+
+
+def test_int8_server_decodes_through_int8(workdir, monkeypatch):
+    # Without the warm-up only the shapes this request needs compile (seconds, not a minute).
+    monkeypatch.setattr(Scheduler, "_warm_up", lambda self: None)
+    service = Service.from_workdir(workdir, num_slots=8, quantize="int8")
+    weights = jax.tree.leaves(service.scheduler.engine._weights)
+    assert any(x.dtype == np.int8 for x in weights)  # the int8 model itself, not a float32 copy
+    live = LiveServer(service)
+    try:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="none", max_retries=0)
+        out = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=8)
+        assert out.model == "tiny:1:int8" and out.usage.completion_tokens == 8
+    finally:
+        live.stop()

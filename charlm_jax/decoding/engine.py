@@ -54,6 +54,9 @@ MIN_PREFILL = 8  # the narrowest prefill: fewer compiled shapes, little waste
 # at each step; without it every layer's cache was copied before each update
 # (docs/performance.md, Decoding).
 COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+INT32_MAX = 2**31 - 1
 
 
 class SamplingParams(NamedTuple):
@@ -63,13 +66,14 @@ class SamplingParams(NamedTuple):
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_tokens: int):
-    """Raises UserError naming the first bad argument."""
-    if not temperature >= 0:
-        raise UserError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise UserError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    """Raises UserError naming the first bad argument: each value must fit the float32 and
+    int32 arrays of a step, so that a bad request fails alone, before it reaches a slot."""
+    if not 0 <= temperature <= FLOAT32_MAX:
+        raise UserError(f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
+    if not FLOAT32_TINY <= top_p <= 1:  # a smaller top_p is 0 in float32: no filtering
+        raise UserError(f"top_p must be in (0, 1] (and >= {FLOAT32_TINY:.3g}), got {top_p}")
+    if not 0 <= top_k <= INT32_MAX:
+        raise UserError(f"top_k must be >= 0 (0 disables it) and <= {INT32_MAX}, got {top_k}")
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
 

@@ -7,14 +7,15 @@ import json
 
 
 class OutputCache:
-    """At most `max_entries` entries and `max_bytes` bytes (keys plus JSON values); the
-    least recently used go first. Used from the event loop only."""
+    """At most `max_entries` entries and `max_bytes` bytes; the least recently used go first.
+    Values are kept as their JSON bytes, so that the bound counts what they occupy (a dict of
+    lists holds several times its JSON's size). Used from the event loop only."""
 
     def __init__(self, max_entries: int, max_bytes: int):
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: collections.OrderedDict[str, tuple[dict, int]] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[str, bytes] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -24,16 +25,17 @@ class OutputCache:
         if entry is None:
             return None
         self._entries.move_to_end(key)
-        return entry[0]
+        return json.loads(entry)
 
     def put(self, key: str, value: dict) -> None:
-        size = len(key) + len(json.dumps(value))
+        entry = json.dumps(value).encode()
+        size = len(key) + len(entry)
         if size > self.max_bytes or self.max_entries < 1:
             return
         if key in self._entries:
-            self.bytes -= self._entries.pop(key)[1]
-        self._entries[key] = (value, size)
+            self.bytes -= len(key) + len(self._entries.pop(key))
+        self._entries[key] = entry
         self.bytes += size
         while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
-            _, (_, dropped) = self._entries.popitem(last=False)
-            self.bytes -= dropped
+            dropped, entry = self._entries.popitem(last=False)
+            self.bytes -= len(dropped) + len(entry)

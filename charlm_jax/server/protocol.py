@@ -3,19 +3,25 @@ the JSON of responses, stream chunks and errors."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from typing import Annotated, Any, TypeVar
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from charlm_jax.decoding.engine import check_sampling_args
-
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts per request
 MAX_STOPS = 4  # as OpenAI's
 MAX_LOGPROBS = 5  # the engine's TOP_LOGPROBS
 MAX_SEED = 2**31 - 1
+MAX_TEMPERATURE = 2.0  # as OpenAI's
+# Below this, top_p keeps only the most likely token whatever the distribution: greedy in
+# effect, while tinier values round to 0 in float32 and would turn filtering off.
+MIN_TOP_P = 1e-6
+MAX_JSON_DEPTH = 4  # the deepest valid body: {"stream_options": {...}} or {"prompt": [...]}
+MAX_JSON_KEYS = 64  # per object; the request has fewer fields
 MAX_STOP_LENGTH = 256
 # OpenAI fields this server does not implement, accepted at these (neutral) values
 NEUTRAL = {
@@ -26,6 +32,36 @@ NEUTRAL = {
     "suffix": "",
 }
 Body = TypeVar("Body", bound=BaseModel)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may ask of this server: the model's bounds and the operator's."""
+
+    vocab_size: int
+    context_length: int  # longer prompts are refused unless truncated
+    max_tokens: int = 2048
+    max_prompt_chars: int = 1 << 16  # per prompt, checked before tokenizing
+    max_echo_chars: int = 1 << 20  # prompt characters x n echoed back
+
+
+# The bounds of the numeric fields, checked in this order (the first bad field is named):
+# (lowest, highest), inclusive; a string names a `Limits` attribute. Add a field here.
+RANGES: dict[str, tuple[float | str, float | str]] = {
+    "max_tokens": (1, "max_tokens"),
+    "temperature": (0.0, MAX_TEMPERATURE),
+    "top_p": (MIN_TOP_P, 1.0),
+    "top_k": (0, "vocab_size"),
+    "n": (1, MAX_N),
+    "logprobs": (0, MAX_LOGPROBS),
+    "seed": (0, MAX_SEED),
+    "truncate_prompt_tokens": (1, "context_length"),
+}
+# The characters of each string of a text field: (fewest, most), as in RANGES.
+TEXT_LENGTHS: dict[str, tuple[int | str, int | str]] = {
+    "prompt": (0, "max_prompt_chars"),
+    "stop": (1, MAX_STOP_LENGTH),
+}
 
 
 class ApiError(Exception):
@@ -62,7 +98,7 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    """The body of POST /v1/completions."""
+    """The body of POST /v1/completions (value bounds: `RANGES` and `TEXT_LENGTHS`)."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
     model: str | None = None  # None: the served model
@@ -76,13 +112,16 @@ class CompletionRequest(BaseModel):
     temperature: float | None = 1.0
     top_p: float | None = 1.0
     top_k: int | None = 0  # an extra field, as vLLM's
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    n: int = 1
     stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
-    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = False
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    logprobs: int | None = None
+    # vLLM's: keep a prompt's last this many tokens (without it a prompt longer than the
+    # context is refused)
+    truncate_prompt_tokens: int | None = None
     user: str | None = None
     presence_penalty: float | None = None  # OpenAI's, at their neutral values only
     frequency_penalty: float | None = None
@@ -106,16 +145,16 @@ class CompletionRequest(BaseModel):
         return self.temperature == 0 or self.seed is not None
 
     def cache_key(self, model_id: str, step: int, quantize: str) -> str:
+        """A digest of everything that changes the output (not a copy of the prompts)."""
         sampling = self.model_dump(exclude={"model", "stream", "stream_options", "user"})
-        return json.dumps([model_id, step, quantize, sampling], sort_keys=True)
+        text = json.dumps([model_id, step, quantize, sampling], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 def parse_json(body: bytes, model: type[Body]) -> Body:
-    """`body` as a `model`; ApiError(400) naming the first bad field."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"malformed JSON body: {e}") from None
+    """`body` as a `model`; ApiError(400) naming the first bad field (malformed, too deep or
+    too wide JSON too: `load_json`)."""
+    data = load_json(body)
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:
@@ -127,35 +166,83 @@ def parse_json(body: bytes, model: type[Body]) -> Body:
         raise ApiError(400, f"{where}: {error['msg']}", param=where.split(".")[0]) from None
 
 
-def parse_request(body: bytes, max_tokens_limit: int) -> CompletionRequest:
+def parse_request(body: bytes, limits: Limits) -> CompletionRequest:
     """The checked request; ApiError(400) naming the first bad field."""
     request = parse_json(body, CompletionRequest)
     _fill_defaults(request)
     for name, neutral in NEUTRAL.items():
         if getattr(request, name) not in (None, neutral):
             raise ApiError(400, f"{name} is not supported (only {neutral!r})", param=name)
-    if not 1 <= request.max_tokens <= max_tokens_limit:
-        raise ApiError(
-            400,
-            f"max_tokens must be in [1, {max_tokens_limit}], got {request.max_tokens}",
-            param="max_tokens",
-        )
-    try:
-        check_sampling_args(request.temperature, request.top_k, request.top_p, 1)
-    except ValueError as e:  # the message starts with the field's name
-        raise ApiError(400, str(e), param=str(e).split()[0]) from None
-    for stop in request.stops:
-        if not 0 < len(stop) <= MAX_STOP_LENGTH:
-            raise ApiError(
-                400,
-                f"each stop must have 1 to {MAX_STOP_LENGTH} characters, got {stop!r}",
-                param="stop",
-            )
+    _check_ranges(request, limits)
+    _check_texts(request, limits)
     if request.echo and request.logprobs is not None:
         raise ApiError(
             400, "echo with logprobs (prompt log-probabilities) is not supported", param="logprobs"
         )
+    echoed = sum(map(len, request.prompts)) * request.n if request.echo else 0
+    if echoed > limits.max_echo_chars:
+        raise ApiError(
+            400,
+            f"echo would send back {echoed} prompt characters (n copies of each prompt); "
+            f"the most is {limits.max_echo_chars}",
+            param="echo",
+        )
     return request
+
+
+def load_json(body: bytes) -> Any:
+    """The JSON value of `body`; ApiError(400) if it is malformed, nests deeper than
+    MAX_JSON_DEPTH or has an object of more than MAX_JSON_KEYS keys."""
+    try:
+        data = json.loads(body, object_pairs_hook=_object, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"malformed JSON body: {e}") from None
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    if len(pairs) > MAX_JSON_KEYS:
+        raise ValueError(f"an object has {len(pairs)} keys; the most is {MAX_JSON_KEYS}")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        value = list(value.values())
+    if not isinstance(value, list):
+        return 0
+    return 1 + max(map(_depth, value), default=0)
+
+
+def _check_ranges(request: CompletionRequest, limits: Limits) -> None:
+    for name, bounds in RANGES.items():
+        value = getattr(request, name)
+        low, high = (getattr(limits, x) if isinstance(x, str) else x for x in bounds)
+        if value is not None and not low <= value <= high:  # NaN and inf fail too
+            raise ApiError(400, f"{name} must be in [{low}, {high}], got {value}", param=name)
+
+
+def _check_texts(request: CompletionRequest, limits: Limits) -> None:
+    for name, bounds in TEXT_LENGTHS.items():
+        low, high = (getattr(limits, x) if isinstance(x, str) else x for x in bounds)
+        value = getattr(request, name)
+        if name == "prompt":  # a string, token ids, or a list of either
+            value = request.prompts
+        for text in [value] if isinstance(value, str) else value or ():
+            if not low <= len(text) <= high:
+                raise ApiError(
+                    400,
+                    f"each {name} must have {low} to {high} characters, got {len(text)}",
+                    param=name,
+                )
 
 
 def _is_type_tag(part) -> bool:
@@ -169,6 +256,74 @@ def _fill_defaults(request: CompletionRequest) -> None:
     for name, value in defaults.items():
         if getattr(request, name) is None:
             setattr(request, name, value)
+
+
+def _request_schema() -> dict:
+    """The request's JSON schema for the OpenAPI document: pydantic's, with the fixed
+    bounds of RANGES, and its `$defs` references inlined."""
+    schema = CompletionRequest.model_json_schema()
+    for name, (low, high) in RANGES.items():
+        if not isinstance(low, str):
+            schema["properties"][name]["minimum"] = low
+        if not isinstance(high, str):
+            schema["properties"][name]["maximum"] = high
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            return (
+                inline(defs[ref.split("/")[-1]]) if ref else {k: inline(v) for k, v in node.items()}
+            )
+        return [inline(x) for x in node] if isinstance(node, list) else node
+
+    return inline(schema)
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+_ERRORS = {
+    400: "an invalid request, or one that can never fit",
+    401: "no valid API key",
+    404: "an unknown model",
+    408: "the body arrived too slowly",
+    413: "the body is too large",
+    415: "the body is not JSON",
+    429: "busy: retry after Retry-After seconds",
+    500: "the model failed on this request",
+    503: "the engine failed, or the server is shutting down",
+    504: "past the request timeout",
+}
+# The OpenAPI description of POST /v1/completions (the route reads its body itself).
+COMPLETIONS_OPENAPI = {
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _request_schema()}},
+        }
+    },
+    "responses": {
+        200: {"description": "the completion, or server-sent events of its chunks"},
+        **{
+            status: {"description": why, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+            for status, why in _ERRORS.items()
+        },
+    },
+}
 
 
 def logprobs_json(

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
+import numpy as np
 from absl import logging
 
 from charlm_jax.decoding import engine
@@ -25,7 +26,7 @@ from charlm_jax.server.protocol import ApiError
 
 
 class QueueFull(Exception):
-    """The waiting queue holds `max_queue` sequences."""
+    """The waiting sequences or the tokens admitted would exceed their bounds."""
 
 
 @dataclass
@@ -129,34 +130,51 @@ class Sequence:
             )
         return piece
 
+    @property
+    def cost(self) -> int:
+        """The tokens this sequence holds in the engine at most: its prompt and its output."""
+        return len(self.request.prompt) + self.request.max_new_tokens
+
     def fail(self, error: ApiError) -> None:
         self.emit(Piece(self.index, "", [], [], tokens=len(self._ids), error=error))
 
 
 class Scheduler:
-    """Owns the engine and the thread that drives it."""
+    """Owns the engine and the thread that drives it. Admits sequences while at most
+    `max_queue` wait and at most `max_tokens` tokens (prompts and outputs) are waiting or
+    running; `check()` (the watchdog) fails everything if the thread dies or a step takes
+    longer than `step_timeout` seconds."""
 
-    def __init__(self, engine_: engine.Engine, max_queue: int, metrics: Metrics):
+    def __init__(
+        self,
+        engine_: engine.Engine,
+        metrics: Metrics,
+        max_queue: int,
+        max_tokens: int,
+        step_timeout: float,
+    ):
         self.engine = engine_
-        self.max_queue = max_queue
         self.metrics = metrics
+        self.max_queue, self.max_tokens, self.step_timeout = max_queue, max_tokens, step_timeout
         self.ready = False  # compiled and serving
-        self.failure: str | None = None  # why the engine thread ended early
+        self.failure: str | None = None  # why the engine thread failed or stopped serving
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: dict[int, Sequence] = {}
         self._cond = threading.Condition()
         self._stopping = False
+        self._step_started: float | None = None  # time.monotonic() of the step in progress
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        """Fails what is still waiting or running (503) and ends the thread."""
+        """Fails what is still waiting or running (503) and ends the thread; a thread still
+        warming up is not waited for (it ends once its compilation returns)."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and self.ready:
             self._thread.join()
 
     @property
@@ -164,13 +182,43 @@ class Scheduler:
         return not self._waiting and not self._running
 
     def submit(self, sequences: list[Sequence]) -> None:
-        """Queues a request's sequences; QueueFull when `max_queue` are waiting."""
+        """Queues a request's sequences; QueueFull if they do not fit now."""
+        cost = sum(seq.cost for seq in sequences)
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} sequences waiting")
+            if self.failure:
+                raise ApiError(503, self.failure)
+            if len(self._waiting) + len(sequences) > self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} sequences are waiting")
+            held = sum(seq.cost for seq in [*self._waiting, *self._running.values()])
+            if held + cost > self.max_tokens:
+                raise QueueFull(f"{held} tokens are admitted")
             self._waiting.extend(sequences)
             self.metrics.waiting.set(len(self._waiting))
             self._cond.notify()
+
+    def check(self) -> str | None:
+        """The watchdog, called periodically: fails the engine (and every sequence, with 503)
+        if its thread ended unexpectedly or a step has run past `step_timeout`; returns why
+        the engine is not serving (None: it is, or it is still warming up)."""
+        started = self._step_started
+        if self.ready and not self._stopping:
+            if not self._thread.is_alive():
+                self._fail("the engine thread ended unexpectedly")
+            elif started is not None and time.monotonic() - started > self.step_timeout:
+                self._fail(f"an engine step took longer than {self.step_timeout:g}s")
+        return self.failure
+
+    def _fail(self, reason: str) -> None:
+        """Stops serving: every sequence fails with 503 naming `reason`."""
+        logging.error("engine failed: %s", reason)
+        with self._cond:
+            self.failure = self.failure or reason
+            self._stopping = True
+            failed = [*self._running.values(), *self._waiting]
+            self._running, self._waiting = {}, collections.deque()
+            self._cond.notify()
+        for seq in failed:
+            seq.fail(ApiError(503, self.failure))
 
     def cancel(self, sequences: list[Sequence]) -> None:
         """Frees the sequences' slots before the next step (done ones are ignored)."""
@@ -187,13 +235,22 @@ class Scheduler:
             self.failure = f"the engine failed to start: {e!r}"
             return
         self.ready = True
+        try:
+            self._serve()
+        except Exception as e:  # a bug or a broken device: stop serving, say why
+            logging.exception("engine thread failed")
+            self._fail(f"the engine failed: {e!r}")
+
+    def _serve(self) -> None:
         while (admitted := self._next_admissions()) is not None:
             for seq in admitted:
                 self._insert(seq)
             self._reap()
             if self._running:
                 self._step()
-        for seq in [*self._running.values(), *self._waiting]:
+        with self._cond:  # stopping (or failed: then both are empty)
+            left = [*self._running.values(), *self._waiting]
+        for seq in left:
             seq.fail(ApiError(503, "the server is shutting down"))
         self._running.clear()
         self._waiting.clear()
@@ -238,21 +295,24 @@ class Scheduler:
                     seq.fail(_timeout_error())
 
     def _step(self) -> None:
+        """One engine step. An exception in it ends the thread (`_run`): the step donates
+        the engine's state, which is then gone."""
         self.metrics.occupancy.set(len(self._running) / self.engine.num_slots)
         self.metrics.running.set(len(self._running))
-        try:
-            outputs = self.engine.step()
-        except Exception as e:
-            logging.exception("engine step failed")
-            for slot, seq in self._running.items():
-                self.engine.free(slot)
-                seq.fail(ApiError(500, f"engine error: {e}"))
-            self._running.clear()
+        self._step_started = time.monotonic()
+        outputs = self.engine.step()
+        self._step_started = None
+        if self.failure:  # the watchdog gave up on this step meanwhile
             return
         now = time.monotonic()
         for out in outputs:
             seq = self._running.get(out.slot)
             if seq is None or not (len(out.tokens) or out.finished):
+                continue
+            if np.isnan(out.logprobs).any():  # this request's numbers only: it fails alone
+                self.engine.free(out.slot)
+                del self._running[out.slot]
+                seq.fail(ApiError(500, "the model's output for this request is not a number"))
                 continue
             before = len(seq._ids)
             piece = seq.consume(out)

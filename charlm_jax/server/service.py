@@ -16,7 +16,7 @@ from absl import logging
 
 from charlm_jax.data.tokenizers import Tokenizer
 from charlm_jax.decoding import engine
-from charlm_jax.model import int8
+from charlm_jax.errors import UserError
 from charlm_jax.server import protocol, tokenizer_routes
 from charlm_jax.server.cache import OutputCache
 from charlm_jax.server.prometheus import Metrics
@@ -39,13 +39,29 @@ class ModelInfo:
 
 @dataclasses.dataclass(frozen=True)
 class ServeOptions:
+    """The operator's bounds (docs/serving.md lists them as flags)."""
+
     max_queue: int = 256  # sequences waiting for a slot; more get 429
+    max_request_tokens: int = 1 << 16  # prompts x n x (prompt + max_tokens); more get 400
+    max_queued_tokens: int = 1 << 18  # the same summed over admitted requests; more get 429
     request_timeout: float = 60.0  # seconds from arrival to the last token
+    step_timeout: float = 30.0  # seconds an engine step may take before the engine is failed
     max_tokens_limit: int = 2048
+    max_body_bytes: int = 1 << 20  # request bodies; more get 413
+    body_timeout: float = 10.0  # seconds to receive a body; slower get 408
+    send_timeout: float = 30.0  # seconds a stream may wait for its client to read
+    api_key: str | None = None  # required as `Authorization: Bearer KEY` (not by /health)
+    allowed_hosts: tuple[str, ...] = ()  # Host header names allowed (empty: any)
     log_prompts: bool = False
     cache_entries: int = 1024
     cache_bytes: int = 64 << 20
     retry_after: int = 1  # seconds, in 429 answers
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value, zero_ok = getattr(self, field.name), field.name.startswith("cache_")
+            if field.type in ("int", "float") and not (value >= 0 if zero_ok else value > 0):
+                raise UserError(f"{field.name} must be {'>= 0' if zero_ok else '> 0'}, got {value}")
 
 
 class Service:
@@ -65,7 +81,13 @@ class Service:
         # An empty prompt starts from a newline, as the Sampler's.
         self.start_id = int(tokenizer.encode("\n")[0]) if "\n" in tokenizer.chars else 0
         self.metrics = Metrics(engine_.num_slots)
-        self.scheduler = Scheduler(engine_, options.max_queue, self.metrics)
+        self.scheduler = Scheduler(
+            engine_, self.metrics, options.max_queue, options.max_queued_tokens,
+            options.step_timeout,
+        )  # fmt: skip
+        self.limits = protocol.Limits(
+            engine_.vocab_size, engine_.context_length, options.max_tokens_limit
+        )
         self.cache = OutputCache(options.cache_entries, options.cache_bytes)
         self.draining = False
         self.created = int(time.time())
@@ -81,9 +103,10 @@ class Service:
     ) -> Service:
         """Loads a trained workdir's checkpoint ("best", "latest" or a step) into an engine
         of `num_slots` slots (it compiles when the service starts); `quantize` "int8" runs
-        the dense layers as int8 dots (model/int8.py). The model id names the step loaded."""
+        the dense layers as int8 dots (model/int8.py) at any number of slots, so that the
+        model id's ":int8" says what decodes; the model id names the step loaded."""
         run = open_run(workdir, checkpoint, quantize)
-        engine_ = engine.Engine(int8.for_slots(run.model, num_slots), run.context_length, num_slots)
+        engine_ = engine.Engine(run.model, run.context_length, num_slots)
         info = ModelInfo(Path(workdir).absolute().name, run.step, run.quantize)
         return cls(engine_, run.tokenizer, info, options)
 
@@ -115,8 +138,42 @@ class Service:
         except ValueError as e:  # an unknown character, named
             raise ApiError(400, f"prompt: {e}", param="prompt") from None
 
-    def start(self, body: CompletionRequest, record: RequestRecord) -> Job:
+    def prepare(self, body: bytes) -> Prepared:
+        """The checked request, its prompts' tokens and its cache key: the work done before
+        the engine, which grows with the body (the app runs it off the event loop)."""
+        request = protocol.parse_request(body, self.limits)
+        truncate = request.truncate_prompt_tokens
+        prompts = [self._fit(self.encode(p), truncate) for p in request.prompts]
+        tokens = request.n * sum(len(p) + request.max_tokens for p in prompts)
+        most = min(self.options.max_request_tokens, self.options.max_queued_tokens)
+        if tokens > most or request.n * len(prompts) > self.options.max_queue:
+            raise ApiError(
+                400,
+                f"the request needs {request.n * len(prompts)} sequences and {tokens} tokens "
+                "(prompts x n x (prompt + max_tokens)); this server admits at most "
+                f"{self.options.max_queue} sequences and {most} tokens at once",
+            )
+        key = request.cache_key(self.info.id, self.info.step, self.info.quantize)
+        return Prepared(request, prompts, key if request.deterministic else None)
+
+    def _fit(self, prompt: np.ndarray, truncate: int | None) -> np.ndarray:
+        """The prompt the model sees: its last `truncate` tokens if asked; one longer than
+        the context is refused otherwise."""
+        if truncate is not None:
+            return prompt[-truncate:]
+        if len(prompt) > self.limits.context_length:
+            raise ApiError(
+                400,
+                f"a prompt has {len(prompt)} tokens; the model's context is "
+                f"{self.limits.context_length} (truncate_prompt_tokens keeps a prompt's last "
+                "tokens)",
+                param="prompt",
+            )
+        return prompt
+
+    def start(self, prepared: Prepared, record: RequestRecord) -> Job:
         """A job for the request: from the cache, or queued for the engine."""
+        body = prepared.body
         if body.model not in (None, self.info.id, self.info.run_name):
             raise ApiError(
                 404,
@@ -124,27 +181,37 @@ class Service:
                 param="model",
                 code="model_not_found",
             )
-        if self.scheduler.failure:
+        if self.scheduler.check():
             raise ApiError(503, self.scheduler.failure)
         if self.draining:
             raise ApiError(503, "the server is shutting down")
-        key = body.cache_key(self.info.id, self.info.step, self.info.quantize)
-        cached = self.cache.get(key) if body.deterministic else None
-        if body.deterministic:
+        key = prepared.cache_key
+        cached = self.cache.get(key) if key else None
+        if key:
             (self.metrics.cache_hits if cached else self.metrics.cache_misses).inc()
-        job = Job(self, body, record, key if body.deterministic else None, cached)
+        job = Job(self, prepared, record, cached)
         if cached is None:
             try:
                 self.scheduler.submit(job.sequences)
-            except QueueFull:
+            except QueueFull as e:
                 raise ApiError(
                     429,
-                    f"too many requests waiting (max_queue={self.options.max_queue}); retry later",
+                    f"the server is busy ({e}); retry later",
                     kind="rate_limit_error",
                     code="rate_limit_exceeded",
                     headers={"Retry-After": str(self.options.retry_after)},
                 ) from None
         return job
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A checked request: its body, its prompts' token ids as the model sees them, and
+    its output-cache key (None: not deterministic)."""
+
+    body: CompletionRequest
+    prompts: list[np.ndarray]
+    cache_key: str | None
 
 
 @dataclasses.dataclass
@@ -180,22 +247,17 @@ class Job:
     choices built from what comes back."""
 
     def __init__(
-        self,
-        service: Service,
-        body: CompletionRequest,
-        record: RequestRecord,
-        cache_key: str | None,
-        cached: dict | None,
+        self, service: Service, prepared: Prepared, record: RequestRecord, cached: dict | None
     ):
-        self.service, self.body, self.record = service, body, record
-        self.cache_key, self.cached = cache_key, cached
-        record.prompts, record.cached = body.prompts, cached is not None
+        self.service, self.body, self.record = service, prepared.body, record
+        self.cache_key, self.cached = prepared.cache_key, cached
+        record.prompts, record.cached = self.body.prompts, cached is not None
         self.created = int(time.time())
         self.queue: asyncio.Queue[Piece] = asyncio.Queue()
-        self.sequences = [] if cached else self._sequences()
+        self.sequences = [] if cached else self._sequences(prepared.prompts)
         self.result: dict | None = None
 
-    def _sequences(self) -> list[Sequence]:
+    def _sequences(self, prompts: list[np.ndarray]) -> list[Sequence]:
         body, service = self.body, self.service
         loop = asyncio.get_running_loop()
 
@@ -203,7 +265,6 @@ class Job:
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
                 loop.call_soon_threadsafe(self.queue.put_nowait, piece)
 
-        prompts = [service.encode(p) for p in body.prompts]
         self.record.prompt_tokens = sum(len(p) for p in prompts)
         service.metrics.prompt_tokens.inc(self.record.prompt_tokens)
         # Choice j of n uses seed + j, so choice 0 is the request with that seed alone.

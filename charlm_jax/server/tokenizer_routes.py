@@ -49,7 +49,7 @@ def add_routes(app: FastAPI, service) -> None:
         ids = service.encode(body.prompt).tolist() if body.prompt else []
         return {
             "count": len(ids),
-            "max_model_len": service.scheduler.engine.context,
+            "max_model_len": service.scheduler.engine.context_length,
             "tokens": ids,
             "token_strs": [service.token_text[i] for i in ids] if body.return_token_strs else None,
         }
@@ -66,7 +66,7 @@ def add_routes(app: FastAPI, service) -> None:
             "tokenizer_class": "PreTrainedTokenizerFast",  # hf_tokenizer.py's form of it
             "kind": tokenizer.kind,
             "vocab_size": tokenizer.vocab_size,
-            "model_max_length": service.scheduler.engine.context,
+            "model_max_length": service.scheduler.engine.context_length,
             "unk_token": None if unk is None else BPE_UNK,
             "unk_token_id": unk,
             "bos_token": None,

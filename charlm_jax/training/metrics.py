@@ -9,6 +9,7 @@ import flax
 from clu import metrics as clu_metrics
 
 from charlm_jax.training.events import EventFile
+from charlm_jax.workdir import files
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -28,11 +29,13 @@ def bits_per_character(loss: float, chars_per_token: float) -> float:
 
 
 def read_history(workdir: str | Path) -> list[dict]:
-    """The records of DIR/metrics.jsonl: dicts with "step", "kind" ("train" or "eval")."""
+    """The records of DIR/metrics.jsonl: dicts with "step", "kind" ("train" or "eval"). A
+    last line without its newline (a run killed while appending it) is left out."""
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().split("\n")[:-1]  # what follows the last newline is partial
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 class MetricsLog:
@@ -46,7 +49,7 @@ class MetricsLog:
         self.history = [r for r in read_history(workdir) if r["step"] <= start_step]
         self._tensorboard = None
         if not read_only:
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
             self._tensorboard = EventFile(workdir / TENSORBOARD_DIR, purge_step=start_step + 1)
 
     def write(self, step: int, kind: str, **values: float) -> None:
@@ -54,7 +57,7 @@ class MetricsLog:
         self.history.append(record)
         if self._tensorboard is None:
             return
-        with self.path.open("a") as f:
+        with self.path.open("a") as f:  # one write of a whole line (see `read_history`)
             f.write(json.dumps(record) + "\n")
         for name, value in values.items():
             self._tensorboard.add_scalar(f"{kind}/{name}", value, step)

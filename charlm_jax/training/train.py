@@ -549,7 +549,9 @@ def train_and_evaluate(
     wall_start = time.perf_counter()
     validate(config)
     with contextlib.ExitStack() as closing:
-        run, model_state, opt_state = _setup(config, layout.prepare(workdir), closing)
+        workdir = layout.prepare(workdir)
+        closing.enter_context(layout.locked(workdir))
+        run, model_state, opt_state = _setup(config, workdir, closing)
         step, stop_reason, schedule_steps = _train(run, model_state, opt_state, stop, wall_start)
         if run.is_main:  # while the last checkpoint is written
             _plot_loss_curve(run)

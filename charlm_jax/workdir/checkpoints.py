@@ -24,6 +24,7 @@ from orbax.checkpoint import checkpoint_managers
 from charlm_jax import config_defaults
 from charlm_jax.data import hf_tokenizer
 from charlm_jax.errors import UserError
+from charlm_jax.workdir import files
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -120,15 +121,27 @@ def resolve_step(manager: ocp.CheckpointManager, checkpoint: str | int) -> int:
     return step
 
 
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose files are damaged or missing (not one that could not be read for
+    a reason outside it: permissions, I/O errors, memory)."""
+
+
+# What shows a checkpoint's files damaged or missing: these exceptions, or TensorStore's
+# errors (ValueErrors) with these status codes.
+CORRUPTION_ERRORS = (FileNotFoundError, NotADirectoryError, EOFError, UnicodeDecodeError)
+CORRUPTION_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "INVALID_ARGUMENT")
+
+
 def restore(
     manager: ocp.CheckpointManager,
     step: int,
     model_state: nnx.State,
     opt_state: nnx.State | None = None,
 ) -> tuple[nnx.State, nnx.State | None]:
-    """Restores the checkpoint at `step` into states shaped like the given ones. A missing or
-    damaged one raises UserError naming the file that could not be read; its reads still in
-    flight may print tracebacks as they finish (the CLIs hold stderr: `cli.stderr_held`)."""
+    """Restores the checkpoint at `step` into states shaped like the given ones. An error
+    raises UserError naming the file that could not be read, CorruptCheckpoint if its files
+    are damaged or missing; reads still in flight may print tracebacks as they finish (the
+    CLIs hold stderr: `cli.stderr_held`)."""
 
     def target(state):
         return ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
@@ -140,17 +153,32 @@ def restore(
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types for missing or damaged files
-        error = f"cannot restore checkpoint {step} in {manager.directory}: {_root_cause(e)}"
+        kind = CorruptCheckpoint if _shows_corruption(e) else UserError
+        error = kind(f"cannot restore checkpoint {step} in {manager.directory}: {_root_cause(e)}")
     if error is not None:  # raised outside `except`: its traceback would keep the reads alive
-        raise UserError(error)
+        raise error
     return restored["model"], restored.get("opt") if opt_state is not None else None
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error` and the exceptions behind it, outermost first."""
+    chain = [error]
+    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(inner)
+    return chain
+
+
+def _shows_corruption(error: BaseException) -> bool:
+    return any(
+        isinstance(e, CORRUPTION_ERRORS) or str(e).startswith(CORRUPTION_CODES)
+        for e in _chain(error)
+    )
 
 
 def _root_cause(error: BaseException) -> str:
     """The first line of the innermost exception behind `error`, without the storage spec
     that TensorStore appends (orbax's own messages print that spec whole)."""
-    while error.__cause__ is not None or error.__context__ is not None:
-        error = error.__cause__ or error.__context__
+    error = _chain(error)[-1]
     lines = str(error).strip().splitlines() or [type(error).__name__]
     return lines[0].split(" [tensorstore_spec", 1)[0]
 
@@ -158,12 +186,13 @@ def _root_cause(error: BaseException) -> str:
 def restore_latest_good(
     manager: ocp.CheckpointManager, model_state: nnx.State, opt_state: nnx.State
 ) -> tuple[int, nnx.State, nnx.State]:
-    """Restores the newest checkpoint that reads back. Unreadable newer ones are moved to
-    DIR/checkpoints_unreadable/ (kept, never deleted) with a warning."""
+    """Restores the newest checkpoint that reads back. Newer ones whose files are damaged
+    are moved to DIR/checkpoints_unreadable/ (kept, never deleted) with a warning; any other
+    restore error (permissions, I/O, memory) is raised, with every checkpoint left alone."""
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             restored_model, restored_opt = restore(manager, step, model_state, opt_state)
-        except UserError as e:
+        except CorruptCheckpoint as e:
             aside = Path(manager.directory).parent / "checkpoints_unreadable" / str(step)
             aside.parent.mkdir(exist_ok=True)
             (Path(manager.directory) / str(step)).rename(aside)
@@ -181,9 +210,12 @@ def check_new_workdir(workdir: Path) -> None:
 
 
 def save_run_files(workdir: Path, config: ml_collections.ConfigDict, tokenizer) -> None:
-    (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
-    tokenizer.save(workdir / TOKENIZER_FILE)
-    hf_tokenizer.save(tokenizer, workdir / hf_tokenizer.HF_TOKENIZER_FILE)
+    """DIR/config.json, DIR/tokenizer.json and DIR/hf_tokenizer.json, each replaced whole."""
+    files.write_text(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2) + "\n")
+    with files.replacing(workdir / TOKENIZER_FILE) as tmp:
+        tokenizer.save(tmp)
+    with files.replacing(workdir / hf_tokenizer.HF_TOKENIZER_FILE) as tmp:
+        hf_tokenizer.save(tokenizer, tmp)
 
 
 def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -191,5 +223,5 @@ def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
     path = Path(workdir) / CONFIG_FILE
     try:
         return config_defaults.upgrade(json.loads(path.read_text()))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, AttributeError, TypeError) as e:  # not JSON; not an object
         raise UserError(f"cannot read the run's config {path}: {e}") from None

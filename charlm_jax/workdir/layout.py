@@ -3,19 +3,23 @@ run's summary (the files themselves are listed in checkpoints.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 import ml_collections
 
 from charlm_jax.errors import UserError
-from charlm_jax.workdir import checkpoints
+from charlm_jax.workdir import checkpoints, files
 
 # Fields that must match to resume from a workdir's checkpoints (the state's shapes).
 RESUME_FIELDS = ("model.", "data.context_length")
 RESUME_FREE = ("model.dtype", "model.remat")  # how the model computes, not what it holds
+LOCK_FILE = ".lock"
 
 
 def prepare(workdir: str | Path) -> Path:
@@ -63,7 +67,28 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: Path) -> None:
 
 def write_summary(workdir: Path, summary: dict) -> None:
     """DIR/summary.json, replaced whole (a reader never sees half of it)."""
-    path = workdir / checkpoints.SUMMARY_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, path)
+    files.write_text(workdir / checkpoints.SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def locked(workdir: Path) -> Iterator[None]:
+    """Holds the workdir for one run: a second run on it meanwhile (another process, or
+    this one) stops with UserError naming the holder's pid. The lock is the OS's (flock on
+    DIR/.lock, one per process of a multi-process run): it ends with its process, even a
+    killed one, so it is never stale."""
+    path = workdir / f"{LOCK_FILE}{jax.process_index() or ''}"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise UserError(
+                f"workdir {workdir} is in use by another run (pid {holder}); wait for it to "
+                "end, or train in another workdir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield  # leaving `with open` closes the file, which releases the lock

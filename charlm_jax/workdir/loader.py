@@ -60,8 +60,16 @@ def open_run(workdir: str | Path, checkpoint: str | int = "best", quantize: str 
             f"{workdir} holds an {saved}-quantized checkpoint: load it with quantize={saved!r}"
         )
     config = checkpoints.read_run_config(workdir)
-    tokenizer = load_tokenizer(workdir / checkpoints.TOKENIZER_FILE)
-    abstract = models.abstract_model(config, tokenizer.vocab_size)
+    try:
+        tokenizer = load_tokenizer(workdir / checkpoints.TOKENIZER_FILE)
+        abstract = models.abstract_model(config, tokenizer.vocab_size)
+    except UserError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # a field missing or wrong
+        raise UserError(
+            f"the {checkpoints.CONFIG_FILE} or {checkpoints.TOKENIZER_FILE} in {workdir} is not "
+            f"one a run writes: {type(e).__name__}: {e}"
+        ) from None
     if saved != "none":
         abstract = nnx.eval_shape(functools.partial(int8.quantize_model, mode=saved), abstract)
     graphdef, abstract_state = nnx.split(abstract)
