@@ -35,5 +35,8 @@ def test_a_second_run_loads_its_programs_from_the_cache(tmp_path, text_file):
     hits, written = train(tmp_path / "first", cache, text_file)
     assert hits == [] and written  # the first run compiled, and kept what took long
     hits, entries = train(tmp_path / "second", cache, text_file)
-    assert entries == written  # nothing compiled again, so nothing new written
+    # What the first run kept is loaded, not compiled and written again. (Under load a small
+    # program may cross cli.CACHE_MIN_COMPILE_S in one run and not the other.)
     assert "jit_train_step" in hits and len(hits) >= len(written)
+    assert {name.split("-")[0] for name in written} <= set(hits)
+    assert not {name for name in entries - written if name.startswith("jit_train_step")}

@@ -5,11 +5,10 @@ import pytest
 from test_quantize import int8_dots
 from test_sampling import CONTEXT, VARIANTS, greedy_reference, make_sampler
 
-from charlm_jax import quantize
 from charlm_jax.decoding import engine as engine_lib
 from charlm_jax.decoding.engine import Engine, EngineFull, Request, stop_position
 from charlm_jax.decoding.sampling import Sampler
-from charlm_jax.model import models
+from charlm_jax.model import int8, models
 
 STEPS = 8  # tokens per engine call in these tests
 LONG = 3 * models.KV_BLOCK  # a context of three cache blocks
@@ -245,20 +244,22 @@ def test_prefill_batch_invariance(sampler, monkeypatch):
 
 
 def test_int8_engine_decodes_through_int8_dots(sampler):
-    """At 8 slots (quantize.MIN_ROWS) the Sampler's engine for an int8 model keeps it int8:
+    """At 8 slots (int8.MIN_ROWS) the Sampler's engine for an int8 model keeps it int8:
     its compiled decode call runs int8 dots, its log-probabilities are within 0.1 nats of
     float32's and its greedy tokens agree with them."""
-    quantized = Sampler(quantize.quantize_model(sampler.model), sampler.tokenizer, CONTEXT)
-    int8, float32 = quantized.engine(8, STEPS), sampler.engine(8, STEPS)
-    args = (int8.weights, int8._state, np.zeros(8, bool))
-    hlo = int8._step.lower(*args).compile().as_text()
+    quantized = Sampler(int8.quantize_model(sampler.model), sampler.tokenizer, CONTEXT)
+    int8_engine, float32 = quantized.engine(8, STEPS), sampler.engine(8, STEPS)
+    args = (int8_engine.weights, int8_engine._state, np.zeros(8, bool))
+    hlo = int8_engine._step.lower(*args).compile().as_text()
     assert int8_dots(hlo) == 9  # 2 blocks x (qkv, out, up, down) + the head
     prompts = ["ab", "klm", "hij\n", "a b c", "nop", "defg", "j", "bcd efg"]
     requests = [Request(sampler.tokenizer.encode(p), STEPS, temperature=0) for p in prompts]
     # STEPS tokens each: every request's output comes from one call.
-    want, got = (dict(o for step in e.generate(requests) for o in step) for e in (float32, int8))
+    want, got = (
+        dict(o for step in e.generate(requests) for o in step) for e in (float32, int8_engine)
+    )
     for i in range(len(prompts)):
         np.testing.assert_array_equal(got[i].tokens, want[i].tokens)
         for field in ("logprobs", "top_logprobs"):
             np.testing.assert_allclose(getattr(got[i], field), getattr(want[i], field), atol=0.1)
-    assert not np.array_equal(got[0].top_logprobs, want[0].top_logprobs)  # int8 did run
+    assert not np.array_equal(got[0].top_logprobs, want[0].top_logprobs)  # int8_engine did run

@@ -77,13 +77,13 @@ def test_transformers_computes_the_same_logits(tmp_path, name):
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert hf_model.config.model_type == name.split("-")[0]
 
-    ids = tokenizer.encode(VAL_TEXT[: model.cfg.max_length])
-    assert hf_tokenizer(VAL_TEXT[: model.cfg.max_length])["input_ids"] == ids.tolist()
+    ids = tokenizer.encode(VAL_TEXT[: model.cfg.context_length])
+    assert hf_tokenizer(VAL_TEXT[: model.cfg.context_length])["input_ids"] == ids.tolist()
     with torch.no_grad():
         hf_logits = hf_model(torch.tensor(ids[None], dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(hf_logits, np.asarray(model(jnp.asarray(ids)[None])), atol=1e-4)
 
-    prompt = ids[: model.cfg.max_length - CONTINUATION]
+    prompt = ids[: model.cfg.context_length - CONTINUATION]
     generated = hf_model.generate(
         torch.tensor(prompt[None], dtype=torch.long),
         attention_mask=torch.ones((1, prompt.size), dtype=torch.long),

@@ -29,7 +29,7 @@ from charlm_jax.data import hf_tokenizer
 from charlm_jax.data.tokenizers import load_tokenizer
 from charlm_jax.errors import UserError
 from charlm_jax.model import models
-from charlm_jax.workdir import checkpoints
+from charlm_jax.workdir import checkpoints, loader
 
 NORM_EPS = 1e-5  # models.make_norm's
 ROPE_BASE = 10000.0  # models.rope's
@@ -69,7 +69,7 @@ def hf_config(cfg: models.TransformerConfig) -> dict:
         return common | {
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
-            "n_positions": cfg.max_length,
+            "n_positions": cfg.context_length,
             "n_embd": cfg.embedding_dim,
             "n_layer": cfg.num_layers,
             "n_head": cfg.num_heads,
@@ -89,7 +89,7 @@ def hf_config(cfg: models.TransformerConfig) -> dict:
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
         "hidden_act": ACTIVATIONS[cfg.activation],
-        "max_position_embeddings": cfg.max_length,
+        "max_position_embeddings": cfg.context_length,
         "attention_bias": cfg.use_bias,
         "rope_parameters": rope,
     }
@@ -224,18 +224,18 @@ def export(workdir: str | Path, out: str | Path, checkpoint: str | int = "best")
     tokenizer = load_tokenizer(workdir / checkpoints.TOKENIZER_FILE)
     cfg = models.model_config(checkpoints.read_run_config(workdir), tokenizer.vocab_size)
     architecture(cfg)  # before loading any weights
-    model, _, _ = checkpoints.load_model(workdir, checkpoint)
+    model, _, _ = loader.load_model(workdir, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf_weights(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     _write_json(out / "config.json", hf_config(cfg))
-    _write_json(out / "generation_config.json", {"max_length": cfg.max_length})
+    _write_json(out / "generation_config.json", {"max_length": cfg.context_length})
     hf_tokenizer.save(tokenizer, out / "tokenizer.json")
     _write_json(
         out / "tokenizer_config.json",
         {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "clean_up_tokenization_spaces": False,  # it would drop spaces before punctuation
-            "model_max_length": cfg.max_length,
+            "model_max_length": cfg.context_length,
         },
     )
     return out
