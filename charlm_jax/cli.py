@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 
 from absl import app, flags, logging
 
+from charlm_jax.errors import flag_error_message
+
 PACKAGE_DIR = "charlm_jax/"
 COMPILATION_CACHE = "~/.cache/charlm_jax/xla"
 CACHE_MIN_COMPILE_S = 0.5  # programs that compiled faster than this are not worth a file
@@ -109,23 +111,6 @@ def stderr_held() -> Iterator[None]:
             if not failed:
                 held.seek(0)
                 sys.stderr.write(held.read().decode(errors="replace"))
-
-
-def one_line(error: BaseException) -> str:
-    """The message of `error` on one line (absl and ml_collections nest and format theirs)."""
-    while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError())
-        error = error.args[0]
-    text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if any(line.startswith("Traceback") for line in lines):
-        lines = lines[-1:]  # config_flags embeds the config file's traceback: keep its last line
-    return " ".join(lines)
-
-
-def flag_error_message(error: BaseException) -> str:
-    """One line for an error raised while parsing flags or a config file's overrides."""
-    prefix = "unknown config field " if isinstance(error, (AttributeError, KeyError)) else ""
-    return f"{prefix}{one_line(error)}"
 
 
 def flags_parser(check: Callable[[], object] | None = None) -> Callable[[list[str]], list[str]]:

@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from charlm_jax import cli
 from charlm_jax.decoding.sampling import Sampler
-from charlm_jax.errors import UserError
+from charlm_jax.errors import UserError, one_line
 from charlm_jax.training import train
 
 config_flags.DEFINE_config_file("config", "configs/transformer.py:demo", "Config file and preset.")
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> None:
             for t in temperatures
         }
     except (UserError, ValueError) as e:
-        sys.exit(f"error: {cli.one_line(e)}")
+        sys.exit(f"error: {one_line(e)}")
     # What made the run's summary.json, for experiments/report.py.
     provenance.write_json(Path(FLAGS.workdir) / provenance.FILE, {"summary": "summary.json"},
                           started)  # fmt: skip

@@ -30,8 +30,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 import charlm_jax
-from charlm_jax import cli
-from charlm_jax.errors import UserError
+from charlm_jax.errors import UserError, flag_error_message
 from charlm_jax.training import curves, train
 from charlm_jax.workdir import checkpoints
 
@@ -142,7 +141,7 @@ def load_config(run: Run) -> ml_collections.ConfigDict:
         flag_values(argv)
         config = flag_values.config
     except Exception as e:  # absl and ml_collections raise many types
-        raise UserError(f"run {run.name}: {cli.flag_error_message(e)}") from None
+        raise UserError(f"run {run.name}: {flag_error_message(e)}") from None
     try:
         train.validate(config)
     except UserError as e:
