@@ -26,11 +26,11 @@ from conftest import ROOT, tiny_config
 from flax import nnx
 
 from charlm_jax.data.tokenizers import CharTokenizer
+from charlm_jax.decoding.engine import Engine
 from charlm_jax.errors import UserError
 from charlm_jax.model import models
 from charlm_jax.server.app import server_config
 from charlm_jax.server.cache import OutputCache
-from charlm_jax.server.scheduler import Scheduler
 from charlm_jax.server.service import ServeOptions, Service
 from charlm_jax.workdir import checkpoints
 
@@ -531,14 +531,14 @@ def test_workdir_checkpoint_and_quantization(workdir, tmp_path):
         Service.from_workdir(workdir, quantize="int4")
     service = Service.from_workdir(workdir, "latest", num_slots=NUM_SLOTS, quantize="int8")
     assert service.info.id == "tiny:1:int8"  # and int8 is what decodes, below 8 slots too:
-    assert any(x.dtype == np.int8 for x in jax.tree.leaves(service.scheduler.engine._weights))
+    assert any(x.dtype == np.int8 for x in jax.tree.leaves(service.scheduler.engine.weights))
 
 
 def test_int8_server_decodes_through_int8(workdir, monkeypatch):
     # Without the warm-up only the shapes this request needs compile (seconds, not a minute).
-    monkeypatch.setattr(Scheduler, "_warm_up", lambda self: None)
+    monkeypatch.setattr(Engine, "warm_up", lambda self: None)
     service = Service.from_workdir(workdir, num_slots=8, quantize="int8")
-    weights = jax.tree.leaves(service.scheduler.engine._weights)
+    weights = jax.tree.leaves(service.scheduler.engine.weights)
     assert any(x.dtype == np.int8 for x in weights)  # the int8 model itself, not a float32 copy
     live = LiveServer(service)
     try:

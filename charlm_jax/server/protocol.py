@@ -258,11 +258,13 @@ def _fill_defaults(request: CompletionRequest) -> None:
             setattr(request, name, value)
 
 
-def _request_schema() -> dict:
-    """The request's JSON schema for the OpenAPI document: pydantic's, with the fixed
+def _request_schema(model: type[Body]) -> dict:
+    """A request body's JSON schema for the OpenAPI document: pydantic's, with the fixed
     bounds of RANGES, and its `$defs` references inlined."""
-    schema = CompletionRequest.model_json_schema()
+    schema = model.model_json_schema()
     for name, (low, high) in RANGES.items():
+        if name not in schema["properties"]:
+            continue
         if not isinstance(low, str):
             schema["properties"][name]["minimum"] = low
         if not isinstance(high, str):
@@ -308,22 +310,34 @@ _ERRORS = {
     503: "the engine failed, or the server is shutting down",
     504: "past the request timeout",
 }
-# The OpenAPI description of POST /v1/completions (the route reads its body itself).
-COMPLETIONS_OPENAPI = {
-    "openapi_extra": {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": _request_schema()}},
-        }
-    },
-    "responses": {
-        200: {"description": "the completion, or server-sent events of its chunks"},
-        **{
-            status: {"description": why, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
-            for status, why in _ERRORS.items()
+
+
+def body_openapi(model: type[Body], answer: str = "the result", errors=tuple(_ERRORS)) -> dict:
+    """The OpenAPI description of a POST route that reads its `model` body itself: the
+    body's schema, its answer and the error statuses it may give."""
+    return {
+        "openapi_extra": {
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _request_schema(model)}},
+            }
         },
-    },
-}
+        "responses": {
+            200: {"description": answer},
+            **{
+                status: {
+                    "description": _ERRORS[status],
+                    "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+                }
+                for status in errors
+            },
+        },
+    }
+
+
+COMPLETIONS_OPENAPI = body_openapi(
+    CompletionRequest, "the completion, or server-sent events of its chunks"
+)
 
 
 def logprobs_json(

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from charlm_jax.data.tokenizers import BPE_UNK
 from charlm_jax.server import protocol
+from charlm_jax.server.bodies import read_body
 from charlm_jax.server.protocol import ApiError
 
 
@@ -39,13 +40,16 @@ def token_ids(ids: Sequence[int], vocab_size: int, field: str) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
+ROUTE_ERRORS = (400, 401, 408, 413, 415)  # a bad body or key; no engine work
+
+
 def add_routes(app: FastAPI, service) -> None:
     """Adds the three routes over `service` (a server.service.Service) to `app`."""
     tokenizer = service.tokenizer
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", **protocol.body_openapi(TokenizeRequest, errors=ROUTE_ERRORS))
     async def tokenize(request: Request) -> dict:
-        body = protocol.parse_json(await request.body(), TokenizeRequest)
+        body = protocol.parse_json(await read_body(request, service), TokenizeRequest)
         ids = service.encode(body.prompt).tolist() if body.prompt else []
         return {
             "count": len(ids),
@@ -54,9 +58,9 @@ def add_routes(app: FastAPI, service) -> None:
             "token_strs": [service.token_text[i] for i in ids] if body.return_token_strs else None,
         }
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", **protocol.body_openapi(DetokenizeRequest, errors=ROUTE_ERRORS))
     async def detokenize(request: Request) -> dict:
-        body = protocol.parse_json(await request.body(), DetokenizeRequest)
+        body = protocol.parse_json(await read_body(request, service), DetokenizeRequest)
         return {"prompt": tokenizer.decode(token_ids(body.tokens, tokenizer.vocab_size, "tokens"))}
 
     @app.get("/tokenizer_info")
