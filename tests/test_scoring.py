@@ -95,3 +95,13 @@ def test_summary_is_bits_per_character(model, tokens):
 def test_bad_stride(model, tokens, stride):
     with pytest.raises(UserError, match=rf"stride must be in \[1, {CONTEXT}\].*got {stride}"):
         scoring.score_tokens(model, tokens, CONTEXT, stride)
+
+
+def test_several_texts_score_as_each_alone(model, tokens):
+    texts = [tokens, tokens[:1], tokens[:0], tokens[5:19], tokens[::-1]]
+    together = scoring.score_texts(model, texts, CONTEXT, 3, batch_size=4, top_k=2)
+    for text, score in zip(texts, together, strict=True):
+        alone = scoring.score_tokens(model, text, CONTEXT, 3, top_k=2)
+        assert score.log_probs.shape == (max(0, len(text) - 1),)
+        np.testing.assert_allclose(score.log_probs, alone.log_probs, atol=1e-6)
+        np.testing.assert_array_equal(score.top_ids, alone.top_ids)

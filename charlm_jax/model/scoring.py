@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -90,33 +91,60 @@ def score_tokens(
     """Scores every token of `tokens` after the first under `model`, in sliding windows of
     `context` tokens moved by `stride` (default `default_stride(context)`; `context`:
     back-to-back windows). `chars_per_token` converts the summary to bits per character."""
+    [score] = score_texts(model, [tokens], context, stride, batch_size=batch_size, top_k=top_k)
+    return dataclasses.replace(score, chars_per_token=chars_per_token)
+
+
+def score_texts(
+    model: nnx.Module,
+    texts: Sequence[np.ndarray],
+    context: int,
+    stride: int | None = None,
+    *,
+    batch_size: int = BATCH_SIZE,
+    top_k: int = 0,
+) -> list[TextScore]:
+    """`score_tokens` of each of `texts` (token ids), their windows batched together: many
+    short texts take one call per `batch_size` windows, not one each."""
     stride = default_stride(context) if stride is None else stride
     if not 1 <= stride <= context:
         raise UserError(f"stride must be in [1, {context}] (the context), got {stride}")
     if batch_size < 1 or top_k < 0:
         raise UserError(f"batch_size must be >= 1 and top_k >= 0, got {batch_size}, {top_k}")
-    tokens = np.asarray(tokens, np.int32)
-    starts = window_starts(len(tokens), context, stride)
-    rows = min(batch_size, 1 << (len(starts) - 1).bit_length())  # few shapes for short texts
+    if not texts:
+        return []
+    # The texts back to back, each followed by padding that its last window may read.
+    padding = np.zeros(context + stride, np.int32)
+    flat = np.concatenate([part for t in texts for part in (np.asarray(t, np.int32), padding)])
+    bases = np.cumsum([0] + [len(t) + len(padding) for t in texts[:-1]])
+    starts = [window_starts(len(t), context, stride) for t in texts]
+    windows = np.concatenate([base + s for base, s in zip(bases, starts, strict=True)])
+    rows = min(batch_size, 1 << (len(windows) - 1).bit_length())  # few shapes for short texts
+    windows = np.pad(windows, (0, -len(windows) % rows), constant_values=len(flat) - context - 1)
     graphdef, state = nnx.split(model)
-    padded = np.concatenate([tokens, np.zeros(context + stride, np.int32)])
-    offsets = np.arange(context)
+    offsets = np.arange(context + 1)
     outputs = []
-    for i in range(0, len(starts), rows):
-        batch = np.pad(starts[i : i + rows], (0, rows - len(starts[i : i + rows])))
-        inputs = padded[batch[:, None] + offsets]
-        targets = padded[batch[:, None] + offsets + 1]
-        outputs.append(_window_log_probs(graphdef, state, inputs, targets, top_k))
-    # Which positions of each window are scored: all of the first window's, the last
-    # `stride` of the others', none past the text's end (nor in the padding rows).
+    for i in range(0, len(windows), rows):
+        batch = flat[windows[i : i + rows, None] + offsets]
+        outputs.append(_window_log_probs(graphdef, state, batch[:, :-1], batch[:, 1:], top_k))
+    chosen = np.concatenate([np.asarray(c) for c, _ in outputs])
+    tops = [
+        np.concatenate([np.asarray(top[j]) for _, top in outputs]) if top_k else None
+        for j in (0, 1)
+    ]
+    scores, end = [], 0
+    for text, text_starts in zip(texts, starts, strict=True):
+        keep = _scored_positions(text_starts, len(text), context, stride)
+        window = slice(end, end + len(text_starts))
+        end = window.stop
+        kept = [None if x is None else x[window][keep] for x in tops]
+        scores.append(TextScore(chosen[window][keep], 1.0, *kept))
+    return scores
+
+
+def _scored_positions(starts: np.ndarray, num_tokens: int, context: int, stride: int):
+    """Which positions of each window are scored (windows, context): all of the first
+    window's, the last `stride` of the others', none past the text's end."""
+    offsets = np.arange(context)
     first = np.where(starts == 0, 0, context - stride)
-    keep = (offsets >= first[:, None]) & (starts[:, None] + offsets + 1 < len(tokens))
-
-    def gather(parts):
-        return np.concatenate([np.asarray(p) for p in parts])[: len(starts)][keep]
-
-    log_probs = gather(chosen for chosen, _ in outputs)
-    if not top_k:
-        return TextScore(log_probs, chars_per_token)
-    top_ids, top_logp = (gather(top[j] for _, top in outputs) for j in (0, 1))
-    return TextScore(log_probs, chars_per_token, top_ids, top_logp)
+    return (offsets >= first[:, None]) & (starts[:, None] + offsets + 1 < num_tokens)
