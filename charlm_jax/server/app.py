@@ -52,7 +52,7 @@ def create_app(service: Service) -> FastAPI:
         watchdog = asyncio.ensure_future(_watch(service))
         yield
         watchdog.cancel()
-        await asyncio.to_thread(service.scheduler.stop)
+        await asyncio.to_thread(service.stop)
 
     app = FastAPI(title="charlm-jax", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(Guard, service=service)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from typing import Annotated, Any, TypeVar
 
@@ -48,7 +49,7 @@ class Limits:
 # The bounds of the numeric fields, checked in this order (the first bad field is named):
 # (lowest, highest), inclusive; a string names a `Limits` attribute. Add a field here.
 RANGES: dict[str, tuple[float | str, float | str]] = {
-    "max_tokens": (1, "max_tokens"),
+    "max_tokens": (0, "max_tokens"),  # 0 only with echo: `parse_request`
     "temperature": (0.0, MAX_TEMPERATURE),
     "top_p": (MIN_TOP_P, 1.0),
     "top_k": (0, "vocab_size"),
@@ -140,9 +141,14 @@ class CompletionRequest(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
     @property
+    def scores_prompts(self) -> bool:
+        """Whether the prompts' own log-probabilities are asked for (echo with logprobs)."""
+        return self.echo and self.logprobs is not None
+
+    @property
     def deterministic(self) -> bool:
         """Whether the output depends only on the request (so it may be cached)."""
-        return self.temperature == 0 or self.seed is not None
+        return self.temperature == 0 or self.seed is not None or self.max_tokens == 0
 
     def cache_key(self, model_id: str, step: int, quantize: str) -> str:
         """A digest of everything that changes the output (not a copy of the prompts)."""
@@ -175,10 +181,8 @@ def parse_request(body: bytes, limits: Limits) -> CompletionRequest:
             raise ApiError(400, f"{name} is not supported (only {neutral!r})", param=name)
     _check_ranges(request, limits)
     _check_texts(request, limits)
-    if request.echo and request.logprobs is not None:
-        raise ApiError(
-            400, "echo with logprobs (prompt log-probabilities) is not supported", param="logprobs"
-        )
+    if request.max_tokens == 0 and not request.echo:
+        raise ApiError(400, "max_tokens must be >= 1 unless echo is set", param="max_tokens")
     echoed = sum(map(len, request.prompts)) * request.n if request.echo else 0
     if echoed > limits.max_echo_chars:
         raise ApiError(
@@ -353,6 +357,26 @@ def logprobs_json(
             for row_ids, row_lps in zip(top_ids, top_logprobs, strict=True)
         ],
         "text_offset": list(starts),
+    }
+
+
+def prompt_logprobs_json(
+    token_text: list[str], ids, logprobs, top_ids, top_logprobs, k: int
+) -> dict:
+    """OpenAI's `logprobs` object of an echoed prompt, as `logprobs_json` but for its first
+    token, whose log-probability and alternatives are null (nothing comes before it); with
+    `k` 0, `top_ids` and `top_logprobs` may be None."""
+    if not len(ids):
+        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    starts = list(itertools.accumulate((len(token_text[i]) for i in ids[:-1]), initial=0))
+    if top_ids is None:
+        top_ids = top_logprobs = [[]] * len(logprobs)
+    rest = logprobs_json(token_text, ids[1:], logprobs, top_ids, top_logprobs, starts[1:], k)
+    return {
+        "tokens": [token_text[ids[0]], *rest["tokens"]],
+        "token_logprobs": [None, *rest["token_logprobs"]],
+        "top_logprobs": [None, *rest["top_logprobs"]],
+        "text_offset": starts,
     }
 
 

@@ -160,6 +160,7 @@ class Scheduler:
         self.failure: str | None = None  # why the engine thread failed or stopped serving
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: dict[int, Sequence] = {}
+        self._reserved = 0  # tokens of admitted work outside the engine (`submit`)
         self._cond = threading.Condition()
         self._stopping = False
         self._step_started: float | None = None  # time.monotonic() of the step in progress
@@ -179,22 +180,30 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not self._waiting and not self._running
+        return not self._waiting and not self._running and not self._reserved
 
-    def submit(self, sequences: list[Sequence]) -> None:
-        """Queues a request's sequences; QueueFull if they do not fit now."""
-        cost = sum(seq.cost for seq in sequences)
+    def submit(self, sequences: list[Sequence], reserve: int = 0) -> None:
+        """Queues a request's sequences, and admits `reserve` tokens of its work outside the
+        engine (prompt scoring) until `release`; QueueFull if they do not fit now."""
+        cost = sum(seq.cost for seq in sequences) + reserve
         with self._cond:
             if self.failure:
                 raise ApiError(503, self.failure)
             if len(self._waiting) + len(sequences) > self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} sequences are waiting")
             held = sum(seq.cost for seq in [*self._waiting, *self._running.values()])
+            held += self._reserved
             if held + cost > self.max_tokens:
                 raise QueueFull(f"{held} tokens are admitted")
+            self._reserved += reserve
             self._waiting.extend(sequences)
             self.metrics.waiting.set(len(self._waiting))
             self._cond.notify()
+
+    def release(self, reserved: int) -> None:
+        """Ends the admission of `reserved` tokens of work outside the engine (`submit`)."""
+        with self._cond:
+            self._reserved -= reserved
 
     def check(self) -> str | None:
         """The watchdog, called periodically: fails the engine (and every sequence, with 503)
@@ -267,7 +276,7 @@ class Scheduler:
             kept = collections.deque()
             for seq in self._waiting:
                 if now > seq.deadline and not seq.cancelled:
-                    seq.fail(_timeout_error())
+                    seq.fail(timeout_error())
                 elif not seq.cancelled:
                     kept.append(seq)
             free = self.engine.num_slots - len(self._running)
@@ -292,7 +301,7 @@ class Scheduler:
                 self.engine.free(slot)
                 del self._running[slot]
                 if not seq.cancelled:
-                    seq.fail(_timeout_error())
+                    seq.fail(timeout_error())
 
     def _step(self) -> None:
         """One engine step. An exception in it ends the thread (`_run`): the step donates
@@ -336,7 +345,8 @@ class Scheduler:
         seq._last_output = now
 
 
-def _timeout_error() -> ApiError:
+def timeout_error() -> ApiError:
+    """The error of a request past its deadline."""
     return ApiError(
         504, "the request took longer than the server's request_timeout", kind="timeout_error"
     )

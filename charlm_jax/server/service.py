@@ -4,6 +4,7 @@ sequences in the scheduler, the pieces they send back, the cache, the log line."
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import secrets
@@ -17,11 +18,13 @@ from absl import logging
 from charlm_jax.data.tokenizers import Tokenizer
 from charlm_jax.decoding import engine
 from charlm_jax.errors import UserError
+from charlm_jax.model.scoring import TextScore
 from charlm_jax.server import protocol, tokenizer_routes
 from charlm_jax.server.cache import OutputCache
 from charlm_jax.server.prometheus import Metrics
 from charlm_jax.server.protocol import ApiError, CompletionRequest
 from charlm_jax.server.scheduler import Piece, QueueFull, Scheduler, Sequence
+from charlm_jax.server.scorer import Scorer
 from charlm_jax.workdir.loader import open_run
 
 
@@ -85,6 +88,7 @@ class Service:
             engine_, self.metrics, options.max_queue, options.max_queued_tokens,
             options.step_timeout,
         )  # fmt: skip
+        self.scorer = Scorer(engine_.graphdef, engine_.weights, engine_.context_length)
         self.limits = protocol.Limits(
             engine_.vocab_size, engine_.context_length, options.max_tokens_limit
         )
@@ -125,14 +129,17 @@ class Service:
         deadline = time.monotonic() + grace
         while not self.scheduler.idle and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        await asyncio.to_thread(self.scheduler.stop)
+        await asyncio.to_thread(self.stop)
+
+    def stop(self) -> None:
+        """Ends the engine thread (failing what it still holds) and the scorer's queue."""
+        self.scheduler.stop()
+        self.scorer.stop()
 
     def encode(self, prompt: str | list[int]) -> np.ndarray:
         """A prompt's token ids (text encoded, or token ids checked); ApiError(400)."""
         if not isinstance(prompt, str):
             return tokenizer_routes.token_ids(prompt, self.tokenizer.vocab_size, "prompt")
-        if not prompt:
-            return np.array([self.start_id], np.int32)
         try:
             return self.tokenizer.encode(prompt).astype(np.int32)
         except ValueError as e:  # an unknown character, named
@@ -142,19 +149,34 @@ class Service:
         """The checked request, its prompts' tokens and its cache key: the work done before
         the engine, which grows with the body (the app runs it off the event loop)."""
         request = protocol.parse_request(body, self.limits)
-        truncate = request.truncate_prompt_tokens
-        prompts = [self._fit(self.encode(p), truncate) for p in request.prompts]
-        tokens = request.n * sum(len(p) + request.max_tokens for p in prompts)
+        own = [self.encode(p) for p in request.prompts]
+        # The model's prompts: an empty one starts from a newline, as the Sampler's; only
+        # those it continues must fit its context (a scored prompt is read in windows).
+        prompts = [p if len(p) else np.array([self.start_id], np.int32) for p in own]
+        if request.max_tokens:
+            prompts = [self._fit(p, request.truncate_prompt_tokens) for p in prompts]
+        key = request.cache_key(self.info.id, self.info.step, self.info.quantize)
+        prepared = Prepared(
+            request,
+            prompts,
+            own if request.scores_prompts else None,
+            key if request.deterministic else None,
+        )
+        self._check_work(prepared)
+        return prepared
+
+    def _check_work(self, prepared: Prepared) -> None:
+        """ApiError(400) if the request's work could never be admitted."""
+        sequences, tokens = prepared.sequences, prepared.engine_tokens + prepared.scored_tokens
         most = min(self.options.max_request_tokens, self.options.max_queued_tokens)
-        if tokens > most or request.n * len(prompts) > self.options.max_queue:
+        if tokens > most or sequences > self.options.max_queue:
             raise ApiError(
                 400,
-                f"the request needs {request.n * len(prompts)} sequences and {tokens} tokens "
-                "(prompts x n x (prompt + max_tokens)); this server admits at most "
-                f"{self.options.max_queue} sequences and {most} tokens at once",
+                f"the request needs {sequences} sequences and {tokens} tokens "
+                "(prompts x n x (prompt + max_tokens), plus the scored prompts' tokens); this "
+                f"server admits at most {self.options.max_queue} sequences and {most} tokens "
+                "at once",
             )
-        key = request.cache_key(self.info.id, self.info.step, self.info.quantize)
-        return Prepared(request, prompts, key if request.deterministic else None)
 
     def _fit(self, prompt: np.ndarray, truncate: int | None) -> np.ndarray:
         """The prompt the model sees: its last `truncate` tokens if asked; one longer than
@@ -192,7 +214,7 @@ class Service:
         job = Job(self, prepared, record, cached)
         if cached is None:
             try:
-                self.scheduler.submit(job.sequences)
+                self.scheduler.submit(job.sequences, prepared.scored_tokens)
             except QueueFull as e:
                 raise ApiError(
                     429,
@@ -201,17 +223,38 @@ class Service:
                     code="rate_limit_exceeded",
                     headers={"Retry-After": str(self.options.retry_after)},
                 ) from None
+            job.score()
         return job
 
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """A checked request: its body, its prompts' token ids as the model sees them, and
-    its output-cache key (None: not deterministic)."""
+    """A checked request: its body, its prompts' token ids as the model sees them, the
+    prompts' own token ids when their log-probabilities are asked (else None), and its
+    output-cache key (None: not deterministic)."""
 
     body: CompletionRequest
     prompts: list[np.ndarray]
+    scored: list[np.ndarray] | None
     cache_key: str | None
+
+    @property
+    def sequences(self) -> int:
+        """The engine's sequences: one per prompt and choice, none without new tokens."""
+        return self.body.n * len(self.prompts) if self.body.max_tokens else 0
+
+    @property
+    def engine_tokens(self) -> int:
+        """The tokens the sequences hold in the engine at most."""
+        body = self.body
+        return (
+            body.n * sum(len(p) + body.max_tokens for p in self.prompts) if body.max_tokens else 0
+        )
+
+    @property
+    def scored_tokens(self) -> int:
+        """The tokens scored: each scored prompt's, once (its n choices share them)."""
+        return sum(map(len, self.scored or ()))
 
 
 @dataclasses.dataclass
@@ -243,19 +286,38 @@ class RequestRecord:
 
 
 class Job:
-    """A completion request in flight: its sequences (or its cached answer), and the
-    choices built from what comes back."""
+    """A completion request in flight: its sequences and the scoring of its prompts (or its
+    cached answer), and the choices built from what comes back."""
 
     def __init__(
         self, service: Service, prepared: Prepared, record: RequestRecord, cached: dict | None
     ):
         self.service, self.body, self.record = service, prepared.body, record
-        self.cache_key, self.cached = prepared.cache_key, cached
+        self.prepared, self.cache_key, self.cached = prepared, prepared.cache_key, cached
         record.prompts, record.cached = self.body.prompts, cached is not None
         self.created = int(time.time())
+        self.deadline = time.monotonic() + service.options.request_timeout
         self.queue: asyncio.Queue[Piece] = asyncio.Queue()
-        self.sequences = [] if cached else self._sequences(prepared.prompts)
+        generates = not cached and prepared.sequences
+        self.sequences = self._sequences(prepared.prompts) if generates else []
+        self.scoring: concurrent.futures.Future[list[TextScore]] | None = None
+        # Where each choice's generated text starts in its text: after the echoed prompt.
+        self.text_offsets = [0] * (self.body.n * len(prepared.prompts))
         self.result: dict | None = None
+        if not cached:
+            record.prompt_tokens = sum(len(p) for p in prepared.prompts)
+            service.metrics.prompt_tokens.inc(record.prompt_tokens)
+
+    def score(self) -> None:
+        """Starts scoring the prompts, if asked, on the scorer's thread; their admitted
+        tokens are released when it ends (or is cancelled)."""
+        if self.prepared.scored is None:
+            return
+        service, reserved = self.service, self.prepared.scored_tokens
+        self.scoring = service.scorer.submit(
+            self.prepared.scored, self.body.logprobs, self.deadline
+        )
+        self.scoring.add_done_callback(lambda _: service.scheduler.release(reserved))
 
     def _sequences(self, prompts: list[np.ndarray]) -> list[Sequence]:
         body, service = self.body, self.service
@@ -265,11 +327,8 @@ class Job:
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
                 loop.call_soon_threadsafe(self.queue.put_nowait, piece)
 
-        self.record.prompt_tokens = sum(len(p) for p in prompts)
-        service.metrics.prompt_tokens.inc(self.record.prompt_tokens)
         # Choice j of n uses seed + j, so choice 0 is the request with that seed alone.
         seed = secrets.randbelow(protocol.MAX_SEED) if body.seed is None else body.seed
-        deadline = time.monotonic() + service.options.request_timeout
         return [
             Sequence(
                 index=i * body.n + j,
@@ -282,7 +341,7 @@ class Job:
                     (seed + j) % (protocol.MAX_SEED + 1),
                 ),
                 stops=body.stops,
-                deadline=deadline,
+                deadline=self.deadline,
                 emit=emit,
                 token_text=service.token_text,
                 keep_logprobs=body.logprobs is not None,
@@ -293,6 +352,8 @@ class Job:
 
     def cancel(self) -> None:
         self.service.scheduler.cancel(self.sequences)
+        if self.scoring is not None:
+            self.scoring.cancel()  # unless it has started
 
     def chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
         return protocol.completion_json(
@@ -308,18 +369,14 @@ class Job:
             self.result = self.cached
             self.record.completion_tokens = self.cached["usage"]["completion_tokens"]
             return
-        body = self.body
         choices = [
             {"index": c, "text": "", "logprobs": None, "finish_reason": None}
-            for c in range(len(self.sequences))
+            for c in range(len(self.text_offsets))
         ]
-        if body.echo:
-            decode = self.service.tokenizer.decode
-            for c, choice in enumerate(choices):
-                prompt = body.prompts[c // body.n]
-                choice["text"] = prompt if isinstance(prompt, str) else decode(prompt)
+        if self.body.echo:
+            await self._echo(choices)
             yield [dict(choice) for choice in choices]
-        left, tokens = len(choices), 0
+        left, tokens = len(self.sequences), 0
         while left:
             pieces = [await self.queue.get()]
             while not self.queue.empty():  # what the engine thread sent meanwhile
@@ -341,6 +398,28 @@ class Job:
         if self.cache_key:
             self.service.cache.put(self.cache_key, self.result)
 
+    async def _echo(self, choices: list[dict]) -> None:
+        """Puts each prompt's text, and its log-probabilities when asked, at the start of its
+        choices (with max_tokens 0, the whole choice)."""
+        body, token_text = self.body, self.service.token_text
+        scores = await asyncio.wrap_future(self.scoring) if self.scoring else None
+        for c, choice in enumerate(choices):
+            i = c // body.n
+            prompt = body.prompts[i]
+            text = prompt if isinstance(prompt, str) else self.service.tokenizer.decode(prompt)
+            choice["text"], self.text_offsets[c] = text, len(text)
+            if scores is not None:
+                choice["logprobs"] = protocol.prompt_logprobs_json(
+                    token_text,
+                    self.prepared.scored[i],
+                    scores[i].log_probs,
+                    scores[i].top_ids,
+                    scores[i].top_log_probs,
+                    body.logprobs,
+                )
+            if not body.max_tokens:
+                choice["finish_reason"] = "length"
+
     def _delta(self, piece: Piece) -> dict:
         logprobs = None
         if self.body.logprobs is not None:
@@ -350,7 +429,7 @@ class Job:
                 piece.logprobs,
                 piece.top_ids,
                 piece.top_logprobs,
-                piece.starts,
+                [start + self.text_offsets[piece.index] for start in piece.starts],
                 self.body.logprobs,
             )
         return {
