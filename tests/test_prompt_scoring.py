@@ -80,9 +80,7 @@ def test_prompt_logprobs_equal_the_offline_scorer(server, run, as_ids):
 def test_generation_follows_the_prompt_entries(server, run):
     prompt = TEXT[:CONTEXT]
     scored = complete(server, prompt=prompt, echo=True, logprobs=2, max_tokens=0).json()
-    out = complete(
-        server, prompt=prompt, echo=True, logprobs=2, max_tokens=5, temperature=0
-    ).json()
+    out = complete(server, prompt=prompt, echo=True, logprobs=2, max_tokens=5, temperature=0).json()
     lp, head = out["choices"][0]["logprobs"], scored["choices"][0]["logprobs"]
     assert out["choices"][0]["text"][: len(prompt)] == prompt
     assert len(out["choices"][0]["text"]) == len(prompt) + 5
@@ -92,8 +90,9 @@ def test_generation_follows_the_prompt_entries(server, run):
         assert lp[name][: len(prompt)] == values
     assert all(len(top) == 2 for top in lp["top_logprobs"][1:])
     without_echo = complete(server, prompt=prompt, logprobs=2, max_tokens=5, temperature=0)
-    assert without_echo.json()["choices"][0]["logprobs"]["token_logprobs"] == (
-        lp["token_logprobs"][len(prompt) :]
+    assert (
+        without_echo.json()["choices"][0]["logprobs"]["token_logprobs"]
+        == (lp["token_logprobs"][len(prompt) :])
     )
 
 
@@ -111,9 +110,7 @@ def test_long_prompts_are_scored_whole(server, run):
         temperature=0,
     ).json()
     lp = out["choices"][0]["logprobs"]
-    assert len(lp["tokens"]) == len(TEXT) + 3 and lp["top_logprobs"][1:] == [{}] * (
-        len(TEXT) + 2
-    )
+    assert len(lp["tokens"]) == len(TEXT) + 3 and lp["top_logprobs"][1:] == [{}] * (len(TEXT) + 2)
     np.testing.assert_allclose(
         lp["token_logprobs"][1 : len(TEXT)], offline(run, TEXT, 0).log_probs, atol=1e-5
     )
@@ -127,8 +124,9 @@ def test_several_prompts_and_n(server):
     for c, choice in enumerate(out["choices"]):
         alone = complete(server, prompt=prompts[c // 2], echo=True, logprobs=1, max_tokens=0)
         expected = alone.json()["choices"][0]["logprobs"]
-        assert choice["text"] == prompts[c // 2] and choice["logprobs"]["tokens"] == (
-            expected["tokens"]
+        assert (
+            choice["text"] == prompts[c // 2]
+            and choice["logprobs"]["tokens"] == (expected["tokens"])
         )
         assert choice["logprobs"]["token_logprobs"][0] is None
         np.testing.assert_allclose(
@@ -146,10 +144,14 @@ def test_several_prompts_and_n(server):
 def test_streaming_sends_the_prompt_logprobs_first(server):
     body = dict(prompt="ROMEO: to be", echo=True, logprobs=2, max_tokens=20, seed=3)
     whole = complete(server, **body).json()["choices"][0]
-    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}) as r:
+    # Two prompts (each with the seed): not the cached request above.
+    stream = {**body, "prompt": [body["prompt"]] * 2, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=stream) as r:
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [httpx.Response(200, content=e).json()["choices"][0] for e in events[:-1]]
+    chunks = [c for c in chunks if c["index"] == 0]
+    assert len(chunks) > 2  # the prompt, then the new text in pieces
     assert chunks[0]["text"] == body["prompt"] and chunks[0]["logprobs"]["tokens"] == list(
         body["prompt"]
     )
