@@ -141,9 +141,9 @@ class Sequence:
 
 class Scheduler:
     """Owns the engine and the thread that drives it. Admits sequences while at most
-    `max_queue` wait and at most `max_tokens` tokens (prompts and outputs) are waiting or
-    running; `check()` (the watchdog) fails everything if the thread dies or a step takes
-    longer than `step_timeout` seconds."""
+    `max_queue` wait and at most `max_tokens` tokens (prompts and outputs, and the work
+    reserved outside the engine) are waiting or running; `check()` (the watchdog) fails
+    everything if the thread dies or a step takes longer than `step_timeout` seconds."""
 
     def __init__(
         self,
