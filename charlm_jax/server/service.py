@@ -88,7 +88,7 @@ class Service:
             engine_, self.metrics, options.max_queue, options.max_queued_tokens,
             options.step_timeout,
         )  # fmt: skip
-        self.scorer = Scorer(engine_.graphdef, engine_.weights, engine_.context_length)
+        self.scorer = Scorer(engine_)
         self.limits = protocol.Limits(
             engine_.vocab_size, engine_.context_length, options.max_tokens_limit
         )
@@ -402,7 +402,7 @@ class Job:
         """Puts each prompt's text, and its log-probabilities when asked, at the start of its
         choices (with max_tokens 0, the whole choice)."""
         body, token_text = self.body, self.service.token_text
-        scores = await asyncio.wrap_future(self.scoring) if self.scoring else None
+        scores = None if self.scoring is None else await asyncio.wrap_future(self.scoring)
         for c, choice in enumerate(choices):
             i = c // body.n
             prompt = body.prompts[i]
