@@ -168,6 +168,8 @@ def test_streaming_sends_the_prompt_logprobs_first(server):
         ({"prompt": [1, 999]}, "prompt", "999"),
         ({"echo": False}, "max_tokens", "unless echo"),
         ({"max_tokens": -1}, "max_tokens", "max_tokens"),
+        # 16 x 40,000 characters echoed fit 2^20, but not with their log-probabilities
+        ({"prompt": "R" * 40_000, "n": 16, "logprobs": 1}, "echo", "1280000"),
     ],
 )
 def test_bad_requests(server, body, param, text):

@@ -43,7 +43,7 @@ class Limits:
     context_length: int  # longer prompts are refused unless truncated
     max_tokens: int = 2048
     max_prompt_chars: int = 1 << 16  # per prompt, checked before tokenizing
-    max_echo_chars: int = 1 << 20  # prompt characters x n echoed back
+    max_echo_chars: int = 1 << 20  # prompt characters x n (x (1 + logprobs)) echoed back
 
 
 # The bounds of the numeric fields, checked in this order (the first bad field is named):
@@ -183,12 +183,14 @@ def parse_request(body: bytes, limits: Limits) -> CompletionRequest:
     _check_texts(request, limits)
     if request.max_tokens == 0 and not request.echo:
         raise ApiError(400, "max_tokens must be >= 1 unless echo is set", param="max_tokens")
-    echoed = sum(map(len, request.prompts)) * request.n if request.echo else 0
+    # Each echoed character comes back once, or with its log-probability and alternatives.
+    per_char = 1 + request.logprobs if request.scores_prompts else 1
+    echoed = sum(map(len, request.prompts)) * request.n * per_char if request.echo else 0
     if echoed > limits.max_echo_chars:
         raise ApiError(
             400,
-            f"echo would send back {echoed} prompt characters (n copies of each prompt); "
-            f"the most is {limits.max_echo_chars}",
+            f"echo would send back {echoed} prompt characters (n copies of each prompt, "
+            f"x (1 + logprobs) with log-probabilities); the most is {limits.max_echo_chars}",
             param="echo",
         )
     return request
