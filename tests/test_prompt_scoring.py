@@ -2,8 +2,10 @@
 for it: the numbers equal the offline scorer's (`model.scoring`), over texts longer than
 the context; OpenAI's shapes; the length policy; admission; off the event loop."""
 
+import concurrent.futures
 import math
 import threading
+import time
 
 import httpx
 import jax
@@ -208,6 +210,34 @@ def test_scored_on_the_scorer_thread_in_one_call(server, monkeypatch):
     assert out.status_code == 200
     [(thread, texts)] = calls  # every window of the three prompts in one scorer call
     assert thread.startswith("scorer") and texts == 3
+
+
+def test_scoring_holds_up_neither_the_loop_nor_decoding(server, monkeypatch):
+    entered, release = threading.Event(), threading.Event()
+    original = scoring.score_texts
+
+    def held(*args, **kwargs):  # a scoring that takes as long as the test wants
+        entered.set()
+        release.wait(30)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_texts", held)
+    body = dict(echo=True, logprobs=4, max_tokens=0)  # not a cached request
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        scored = pool.submit(complete, server, prompt=TEXT, **body)
+        assert entered.wait(30)
+        with options(server.service, request_timeout=0.2):
+            late = pool.submit(complete, server, prompt="ROMEO:", **body)  # waits behind it
+            time.sleep(0.5)
+        out = httpx.post(  # decodes meanwhile
+            f"{server.url}/v1/completions",
+            json={"prompt": "JULIET:", "max_tokens": 20, "seed": 4},
+            timeout=10,
+        )
+        assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 20
+        release.set()
+        assert scored.result().status_code == 200
+        assert late.result().status_code == 504  # its deadline passed before it started
 
 
 def test_int8_scores_with_the_int8_weights(workdir):
