@@ -201,18 +201,3 @@ def test_dropout_is_reproducible_and_applied():
     first, second = run_steps(config, num_steps=3)[0], run_steps(config, num_steps=3)[0]
     assert first["losses"] == second["losses"]
     assert first["losses"] != run_steps(tiny_config(), num_steps=3)[0]["losses"]
-
-
-@pytest.mark.parametrize("batch_size, devices", [(12, 2), (3, 1)])
-def test_one_device_per_core_runs_each_device_on_its_own_thread(monkeypatch, batch_size, devices):
-    """Several CPU devices get XLA:CPU's shared intra-op thread pool turned off (a step's
-    all-reduce could deadlock in it on a loaded machine); one device keeps it."""
-    monkeypatch.setenv("XLA_FLAGS", "")
-    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
-    updates = {}
-    monkeypatch.setattr(jax.config, "update", lambda name, value: updates.update({name: value}))
-    assert parallel.one_cpu_device_per_core(batch_size) == devices
-    assert updates == {"jax_num_cpu_devices": devices}
-    flags = os.environ["XLA_FLAGS"].split()
-    assert f"--{parallel.COLLECTIVE_TIMEOUT_FLAG}=3600" in flags
-    assert (f"--{parallel.MULTI_THREAD_EIGEN_FLAG}=false" in flags) == (devices > 1)

@@ -22,7 +22,6 @@ from charlm_jax.errors import UserError
 
 DATA_AXIS = "data"
 COLLECTIVE_TIMEOUT_FLAG = "xla_cpu_collective_call_terminate_timeout_seconds"
-MULTI_THREAD_EIGEN_FLAG = "xla_cpu_multi_thread_eigen"
 
 
 def initialize_distributed(
@@ -99,18 +98,11 @@ def one_cpu_device_per_core(batch_size: int) -> int:
     if COLLECTIVE_TIMEOUT_FLAG not in flags:
         # The devices meet in each step's all-reduce, and XLA aborts the process when one
         # waits 40 s for the others: on a busy machine, a thread descheduled that long.
-        flags = f"{flags} --{COLLECTIVE_TIMEOUT_FLAG}=3600".strip()
+        os.environ["XLA_FLAGS"] = f"{flags} --{COLLECTIVE_TIMEOUT_FLAG}=3600".strip()
     if "xla_force_host_platform_device_count" in flags:
-        os.environ["XLA_FLAGS"] = flags
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     count = max(n for n in range(1, (cores or 1) + 1) if batch_size % n == 0)
-    if count > 1 and MULTI_THREAD_EIGEN_FLAG not in flags:
-        # Each device runs its ops on its own thread. With XLA:CPU's shared intra-op pool
-        # as well, a step's all-reduce deadlocked on a loaded 2-core machine (device 0 in the
-        # rendezvous, device 1 never started; jaxlib 0.10.2, docs/performance.md).
-        flags = f"{flags} --{MULTI_THREAD_EIGEN_FLAG}=false"
-    os.environ["XLA_FLAGS"] = flags
     jax.config.update("jax_num_cpu_devices", count)
     return count
 
