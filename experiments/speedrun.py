@@ -130,8 +130,8 @@ def train_to_target(config, reference: Reference, target: float, check_every: in
     started = time.perf_counter() - START
     best, loss, step, losses = math.inf, math.inf, 0, []
     while step < max_steps:
-        model_state, opt_state, metrics = step_fn(
-            model_state, opt_state, train_tokens, data_key, num_steps
+        model_state, opt_state, metrics = parallel.one_step_in_flight(
+            step_fn(model_state, opt_state, train_tokens, data_key, num_steps)
         )
         step += 1
         losses.append(metrics.loss)

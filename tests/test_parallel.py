@@ -201,3 +201,24 @@ def test_dropout_is_reproducible_and_applied():
     first, second = run_steps(config, num_steps=3)[0], run_steps(config, num_steps=3)[0]
     assert first["losses"] == second["losses"]
     assert first["losses"] != run_steps(tiny_config(), num_steps=3)[0]["losses"]
+
+
+@pytest.mark.parametrize(
+    "platform, count, waits", [("cpu", 2, True), ("cpu", 1, False), ("gpu", 2, False)]
+)
+def test_one_step_in_flight_waits_only_on_several_cpu_devices(monkeypatch, platform, count, waits):
+    """XLA:CPU deadlocked with several multi-device steps queued: the training loops wait
+    for each such step before queuing the next."""
+
+    class Device:
+        def __init__(self, i):
+            self.id, self.platform = i, platform
+
+    class Output:
+        sharding = type("Sharding", (), {"device_set": {Device(i) for i in range(count)}})()
+
+    waited = []
+    monkeypatch.setattr(jax, "block_until_ready", waited.append)
+    outputs = (Output(), {"loss": Output()})
+    assert parallel.one_step_in_flight(outputs) is outputs
+    assert waited == ([outputs] if waits else [])

@@ -107,6 +107,20 @@ def one_cpu_device_per_core(batch_size: int) -> int:
     return count
 
 
+def one_step_in_flight(outputs):
+    """Waits for a step's `outputs` when they live on several CPU devices; returns them.
+
+    With several steps queued, XLA:CPU (jaxlib 0.10.2) deadlocked in a step's all-reduce on
+    a loaded 2-core machine: device 0 waited in the rendezvous while device 1's execution of
+    that step never started (docs/performance.md). Waiting costs one dispatch latency per
+    step there; a single device or a GPU keeps its queue of steps.
+    """
+    devices = jax.tree.leaves(outputs)[0].sharding.device_set
+    if len(devices) > 1 and next(iter(devices)).platform == "cpu":
+        jax.block_until_ready(outputs)
+    return outputs
+
+
 def installed_cuda_extra() -> str | None:
     """The extra, "cuda12" or "cuda13", whose JAX CUDA plugin is installed, else None (without
     starting JAX's backends)."""

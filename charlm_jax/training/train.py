@@ -582,8 +582,8 @@ def _train(run: _Run, model_state, opt_state, stop, started: float) -> tuple[int
                  tc.num_steps, run.tokens_per_step, step)  # fmt: skip
     tick = time.perf_counter()
     while step < end and stop_reason is None:
-        model_state, opt_state, metrics = run.train_step(
-            model_state, opt_state, next(run.batches), run.data_key, schedule_steps
+        model_state, opt_state, metrics = parallel.one_step_in_flight(
+            run.train_step(model_state, opt_state, next(run.batches), run.data_key, schedule_steps)
         )
         step, interrupted = step + 1, stop()
         pending.append(metrics)
