@@ -5,7 +5,9 @@ window at cache column i and position i), its next-token logits, its sampling pa
 seed, the number of tokens it has drawn (its noise counter) and the number it still has to
 produce. `insert` prefills a prompt into a free slot; `step` advances every active slot by up
 to `steps_per_call` tokens in one jitted call whose shapes never depend on how many slots are
-busy; `free` releases a slot. The state lives on the device and is donated to each call.
+busy (but on the number of cache blocks the active windows can reach by the call's end: one
+compiled call per block count); `free` releases a slot. The state lives on the device and is
+donated to each call.
 
 Context policy (of every decoder here, beam search included): a prompt longer than the
 context keeps its last `context_length` tokens. When a slot's window fills the context, the
@@ -16,7 +18,9 @@ the next `step`.
 
 Exactness: every computation on a slot reads only that slot's rows, and its noise comes from
 its own seed and counter, so a request gives the same bits in any slot, beside any
-neighbours, inserted at any time (tests/test_engine.py). Prefills are batched by length
+neighbours, inserted at any time (tests/test_engine.py); the number of cache blocks a call
+reads, which its neighbours decide, does not change its bits either (the attention adds the
+blocks past its window as exact zeros). Prefills are batched by length
 bucket; a prefill's padding sits after the prompt, where causal attention never looks.
 Prefilled alone or in a batch, a request gives the same tokens, its log-probabilities equal
 up to float rounding (XLA:CPU rounds a matmul's rows differently with their number).
