@@ -3,7 +3,10 @@
 matmuls alone and to plain attention over three cache blocks per layer (one query per row:
 q·K, softmax, weights·V), each jitted at the same batch. Random weights.
 
-    python experiments/profile_decode.py [--preset=nanogpt] [--slots=64]
+    python experiments/profile_decode.py [--preset=nanogpt] [--slots=64] [--hlo_only]
+
+It first counts, in the compiled decode call's HLO text, the `conditional`s (branches) and
+` copy(` instructions (buffers copied), at the shortest and the longest windows.
 
 The difference between the two engine rows is the attention over three more cache blocks;
 what the short row spends beyond the matmuls is the rest of the step (one block of
@@ -28,8 +31,10 @@ from charlm_jax.model.models import KV_BLOCK
 
 flags.DEFINE_string("preset", "nanogpt", "A configs/transformer.py preset.")
 flags.DEFINE_integer("slots", 64, "Engine slots (the decode batch).")
+flags.DEFINE_bool("hlo_only", False, "Only count the decode call's branches and copies.")
 flags.DEFINE_integer("repeats", 30, "Timed calls of the matmuls (minimum and median shown).")
 FLAGS = flags.FLAGS
+HLO_PATTERNS = {"conditional": " conditional(", "copy": " copy("}
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "transformer.py"
 
 
@@ -102,12 +107,24 @@ def engine_ms(model, context: int, slots: int, prompt_length: int) -> float:
     return min(times)
 
 
+def hlo_counts(engine: Engine, columns: int) -> dict[str, int]:
+    """How many `conditional`s and ` copy(`s the engine's compiled decode call holds when
+    its windows reach `columns` cache columns."""
+    text = engine.compiled_step(columns).as_text()
+    return {name: text.count(pattern) for name, pattern in HLO_PATTERNS.items()}
+
+
 def main(argv: list[str]) -> None:
     cli.start(argv)
     config = runpy.run_path(str(CONFIGS))["get_config"](FLAGS.preset)
     config.model.dropout_rate = 0.0
     context = config.data.context_length
     model = models.create_model(config, 65, nnx.Rngs(0))
+    engine = Engine(model, context, num_slots=FLAGS.slots)
+    for columns in sorted({KV_BLOCK, context}):
+        print(f"decode call HLO, windows within {columns} columns: {hlo_counts(engine, columns)}")
+    if FLAGS.hlo_only:
+        return
     low, median = dense_ms(config, FLAGS.slots)
     print(f"dense matmuls alone, {FLAGS.slots} rows: {low:.1f} ms (median {median:.1f})")
     ms = attention_ms(config, FLAGS.slots)

@@ -264,6 +264,23 @@ def quant_speed_table(records: list[dict]) -> str:
     return sweeps.markdown_table(rows, list(rows[0]))
 
 
+def decoding_table(records: list[dict]) -> str:
+    """Decode tokens/s of the engine and of the PyTorch loop by shape and batch, and the
+    engine's share of the machine's copy bandwidth (experiments/benchmark_sampling.py)."""
+    rows = []
+    for run in (run for record in records for run in record["runs"]):
+        theirs = run["torch_median"]
+        steps_per_s = run["engine_median"] / run["batch"]
+        rows.append({
+            "shape": run["preset"], "batch": run["batch"], "new tokens": run["new_tokens"],
+            "engine tok/s": f"{run['engine_median']:,.0f}",
+            "torch tok/s": "-" if theirs is None else f"{theirs:,.0f}",
+            "ratio": "-" if theirs is None else f"{run['engine_median'] / theirs:.2f}x",
+            "engine bandwidth": f"{run['step_bytes'] * steps_per_s / run['copy_bandwidth']:.1%}",
+        })  # fmt: skip
+    return sweeps.markdown_table(rows, list(rows[0]))
+
+
 def _sweep(name: str, command: str) -> Table:
     return Table(f"{name}/{provenance.FILE}", (command,), sweep_table(name))
 
@@ -326,6 +343,14 @@ TABLES: dict[str, Table] = {
     },
     "quant_quality": Table("quant/benchmark_quant.json", QUANT, quant_quality_table),
     "quant_speed": Table("quant/benchmark_quant.json", QUANT, quant_speed_table),
+    "decoding": Table(
+        "decoding/*.json",
+        (
+            "python experiments/benchmark_sampling.py "
+            "--out=results/decoding/benchmark_sampling.json",
+        ),
+        decoding_table,
+    ),
 }
 
 

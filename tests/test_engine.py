@@ -1,7 +1,10 @@
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from test_quantize import int8_dots
 from test_sampling import CONTEXT, VARIANTS, greedy_reference, make_sampler
 
@@ -191,19 +194,24 @@ def test_long_context_request_beside_others_equals_it_alone(long_sampler, long_e
         long_engine.free(slot)
 
 
-def test_a_block_skipped_for_every_row_equals_it_computed_fully_masked(long_sampler):
-    """Rows 0-2 see only block 0 (1, 3 and 41 columns). Beside a row 3 that sees as
-    little, blocks 1 and 2 are skipped (nobody sees them); beside a row 3 that sees all
-    three, they are computed with rows 0-2's mask all False there. Rows 0-2's logits must
-    have the same bits either way."""
+def test_a_row_gives_the_same_bits_whatever_the_columns_read(long_sampler):
+    """Rows 0-2 see only block 0 (1, 3 and 41 columns). Beside a row 3 that sees as little,
+    one block is read; beside a row 3 that sees all three, two or three are (rows 0-2 masked
+    there). Rows 0-2's logits must have the same bits either way."""
     model, vocab = long_sampler.model, long_sampler.tokenizer.vocab_size
     tokens = jax.random.randint(jax.random.key(0), (4, LONG), 0, vocab)
     _, cache = engine_lib.prefill(model, tokens, jnp.full(4, LONG), LONG)
-    step = jax.jit(lambda c, lengths: engine_lib.append(model, c, tokens[:, -1], lengths, LONG)[0])
-    skipped = step(cache, jnp.array([0, 2, 40, 30]))
-    computed = step(cache, jnp.array([0, 2, 40, LONG - 1]))
-    np.testing.assert_array_equal(skipped[:3], computed[:3])
-    assert not np.array_equal(skipped[3], computed[3])  # row 3 did see more
+    step = jax.jit(
+        lambda c, lengths, columns: engine_lib.append(
+            model, c, tokens[:, -1], lengths, LONG, columns
+        )[0],
+        static_argnums=2,
+    )
+    narrow = step(cache, jnp.array([0, 2, 40, 30]), models.KV_BLOCK)
+    for columns in (2 * models.KV_BLOCK, LONG):
+        wide = step(cache, jnp.array([0, 2, 40, columns - 1]), columns)
+        np.testing.assert_array_equal(narrow[:3], wide[:3])
+        assert not np.array_equal(narrow[3], wide[3])  # row 3 did see more
 
 
 def test_prefill_batch_invariance(sampler, monkeypatch):
@@ -249,9 +257,9 @@ def test_int8_engine_decodes_through_int8_dots(sampler):
     float32's and its greedy tokens agree with them."""
     quantized = Sampler(int8.quantize_model(sampler.model), sampler.tokenizer, CONTEXT)
     int8_engine, float32 = quantized.engine(8, STEPS), sampler.engine(8, STEPS)
-    args = (int8_engine.weights, int8_engine._state, np.zeros(8, bool))
-    hlo = int8_engine._step.lower(*args).compile().as_text()
-    assert int8_dots(hlo) == 9  # 2 blocks x (qkv, out, up, down) + the head
+    assert int8_engine.int8_dots and not float32.int8_dots
+    # 2 blocks x (qkv, out, up, down) + the head
+    assert int8_dots(int8_engine.compiled_step(CONTEXT).as_text()) == 9
     prompts = ["ab", "klm", "hij\n", "a b c", "nop", "defg", "j", "bcd efg"]
     requests = [Request(sampler.tokenizer.encode(p), STEPS, temperature=0) for p in prompts]
     # STEPS tokens each: every request's output comes from one call.
@@ -263,3 +271,38 @@ def test_int8_engine_decodes_through_int8_dots(sampler):
         for field in ("logprobs", "top_logprobs"):
             np.testing.assert_allclose(getattr(got[i], field), getattr(want[i], field), atol=0.1)
     assert not np.array_equal(got[0].top_logprobs, want[0].top_logprobs)  # int8_engine did run
+
+
+@pytest.mark.parametrize("forced", [True, False])
+def test_the_int8_choice_can_be_forced(sampler, forced):
+    """Forced, the choice holds at any slot count, through warm_up."""
+    quantized = int8.quantize_model(sampler.model)
+    for slots in (1, int8.MIN_ROWS):
+        engine = Engine(quantized, CONTEXT, slots, STEPS, int8_dots=forced)
+        engine.warm_up()
+        assert engine.int8_dots == forced
+        assert int8_dots(engine.compiled_step(CONTEXT).as_text()) == 9 * forced
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_warm_up_keeps_the_faster_dots(sampler, monkeypatch, slow):
+    """warm_up times a decode call with int8 dots and with the float32 copy and keeps the
+    faster: here the `slow` one is made slower by a sleep."""
+    real = engine_lib._program
+
+    def slowed(model, *args):
+        program = real(model, *args)
+        if int8.is_quantized(model) != slow:
+            return program
+
+        def step(*step_args):
+            time.sleep(0.05)
+            return program.step(*step_args)
+
+        return program._replace(step=step)
+
+    monkeypatch.setattr(engine_lib, "_program", slowed)
+    engine = Engine(int8.quantize_model(sampler.model), CONTEXT, 2, STEPS)
+    engine.warm_up()
+    assert engine.int8_dots == (not slow)
+    assert int8.is_quantized(nnx.merge(engine.graphdef, engine.weights)) == (not slow)

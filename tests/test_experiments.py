@@ -112,6 +112,26 @@ def test_quality_parity_scores_charlm_jax_with_provenance(tmp_path, report, monk
     assert "`python experiments/quality_parity.py --workdir=" in table
 
 
+def test_benchmark_sampling_writes_runs_the_decoding_table_renders(tmp_path, report, monkeypatch):
+    out = tmp_path / "decoding" / "benchmark_sampling.json"
+    run_script(
+        "benchmark_sampling.py", "--runs=nanogpt_baby:2", "--new_tokens=nanogpt_baby:70",
+        "--repeats=1", "--notorch", f"--out={out}",
+    )  # fmt: skip
+    record = json.loads(out.read_text())
+    assert provenance.missing(record) == []
+    (run,) = record["runs"]
+    assert (run["preset"], run["batch"], run["new_tokens"]) == ("nanogpt_baby", 2, 70)
+    # The weights (804,096 float32) and 2 rows' keys and values over a mean window: 70
+    # tokens in a context of 64 fill it once (rebuilt to 33 columns).
+    per_column = 2 * 4 * 128 * 4
+    window = (sum(range(2, 65)) + sum(range(34, 40))) / 69
+    assert run["step_bytes"] - 2 * per_column * window == pytest.approx(4 * 804_096)
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    table = report.render("decoding")
+    assert f"| nanogpt_baby | 2 | 70 | {run['engine_median']:,.0f} | - | - |" in table
+
+
 def test_report_tables_match_the_committed_results():
     result = run_script("report.py", "--check")
     assert result.stdout.strip() == "stale: none"

@@ -530,8 +530,10 @@ def test_workdir_checkpoint_and_quantization(workdir, tmp_path):
     with pytest.raises(ValueError, match="unknown quantization mode 'int4'"):
         Service.from_workdir(workdir, quantize="int4")
     service = Service.from_workdir(workdir, "latest", num_slots=NUM_SLOTS, quantize="int8")
-    assert service.info.id == "tiny:1:int8"  # and int8 is what decodes, below 8 slots too:
-    assert any(x.dtype == np.int8 for x in jax.tree.leaves(service.scheduler.engine.weights))
+    assert service.info.id == "tiny:1:int8"
+    # Below int8.MIN_ROWS slots the engine starts on the float32 copy (its warm-up measures).
+    assert not any(x.dtype == np.int8 for x in jax.tree.leaves(service.scheduler.engine.weights))
+    assert service.decode_dots == "float32"
 
 
 def test_int8_server_decodes_through_int8(workdir, monkeypatch):
@@ -545,5 +547,7 @@ def test_int8_server_decodes_through_int8(workdir, monkeypatch):
         client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="none", max_retries=0)
         out = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=8)
         assert out.model == "tiny:1:int8" and out.usage.completion_tokens == 8
+        listed = httpx.get(f"{live.url}/v1/models").json()["data"][0]
+        assert listed["decode_dots"] == "int8"
     finally:
         live.stop()

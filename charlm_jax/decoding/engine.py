@@ -5,7 +5,9 @@ window at cache column i and position i), its next-token logits, its sampling pa
 seed, the number of tokens it has drawn (its noise counter) and the number it still has to
 produce. `insert` prefills a prompt into a free slot; `step` advances every active slot by up
 to `steps_per_call` tokens in one jitted call whose shapes never depend on how many slots are
-busy; `free` releases a slot. The state lives on the device and is donated to each call.
+busy (but on the number of cache blocks the active windows can reach by the call's end: one
+compiled call per block count); `free` releases a slot. The state lives on the device and is
+donated to each call.
 
 Context policy (of every decoder here, beam search included): a prompt longer than the
 context keeps its last `context_length` tokens. When a slot's window fills the context, the
@@ -16,7 +18,9 @@ the next `step`.
 
 Exactness: every computation on a slot reads only that slot's rows, and its noise comes from
 its own seed and counter, so a request gives the same bits in any slot, beside any
-neighbours, inserted at any time (tests/test_engine.py). Prefills are batched by length
+neighbours, inserted at any time (tests/test_engine.py); the number of cache blocks a call
+reads, which its neighbours decide, does not change its bits either (the attention adds the
+blocks past its window as exact zeros). Prefills are batched by length
 bucket; a prefill's padding sits after the prompt, where causal attention never looks.
 Prefilled alone or in a batch, a request gives the same tokens, its log-probabilities equal
 up to float rounding (XLA:CPU rounds a matmul's rows differently with their number).
@@ -33,16 +37,20 @@ noise hashed from its seed and n.
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from charlm_jax.errors import UserError
-from charlm_jax.model import random_bits
+from charlm_jax.model import int8, random_bits
+from charlm_jax.model.models import KV_BLOCK
 
 TOP_LOGPROBS = 5  # alternatives reported per token
 # Tokens per jitted call: enough to amortise the dispatch and the host's bookkeeping (each
@@ -209,6 +217,12 @@ def prefill_buckets(context_length: int) -> list[int]:
     return sorted(powers | {context_length, context_length + 1 - context_length // 2})
 
 
+def visible_columns(columns: int, context_length: int) -> int:
+    """The cache columns a call reads to see the first `columns`: whole KV_BLOCKs, at most
+    the context."""
+    return min(-(-columns // KV_BLOCK) * KV_BLOCK, context_length)
+
+
 def stop_position(text: str, stops: Iterable[str]) -> int | None:
     """Where the first of `stops` to occur in `text` begins (None: none does)."""
     found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
@@ -223,6 +237,33 @@ def _smallest_at_least(buckets: list[int], n: int) -> int:
     return next(b for b in buckets if b >= n)
 
 
+class _Program(NamedTuple):
+    """A model's graph and weights (beam search runs them too) and the engine's jitted
+    calls over them."""
+
+    graphdef: object
+    weights: object
+    step: object  # (weights, state, released, columns) -> (state, outputs)
+    prefill: object  # (weights, state, index, tokens, lengths, ...) -> state
+
+
+def _program(model: nnx.Module, context_length: int, steps_per_call: int) -> _Program:
+    graphdef, weights = nnx.split(model)
+    step = jax.jit(  # compiled once per number of cache columns read (a static argument)
+        lambda w, s, r, columns: _decode(
+            nnx.merge(graphdef, w), s, r, steps_per_call, context_length, columns
+        ),
+        static_argnums=3,
+        donate_argnums=1,
+        compiler_options=COMPILER_OPTIONS,
+    )
+    prefill = jax.jit(
+        lambda w, s, *rows: _prefill(nnx.merge(graphdef, w), context_length, s, *rows),
+        donate_argnums=1,
+    )
+    return _Program(graphdef, weights, step, prefill)
+
+
 class Engine:
     """Decodes up to `num_slots` requests at once with `model`, any module implementing
     the cached-decoding protocol (`init_cache`, `forward_cached`) over `context_length`.
@@ -231,6 +272,11 @@ class Engine:
         slot = engine.insert(Request(prompt_ids, max_new_tokens=100, seed=1))
         while engine.active_slots():
             for out in engine.step(): ...
+
+    A quantized model (model/int8.py) decodes through int8 dots or through its float32 copy
+    (`int8.dequantize_model`), whichever `warm_up` measures faster at `num_slots` slots;
+    `int8_dots` True or False forces the choice, and before `warm_up` the engine follows
+    `int8.for_slots`. The attribute `int8_dots` says which runs.
 
     Not thread-safe: one thread drives it.
     """
@@ -241,6 +287,7 @@ class Engine:
         context_length: int,
         num_slots: int = 16,
         steps_per_call: int = STEPS_PER_CALL,
+        int8_dots: bool | None = None,
     ):
         if num_slots < 1 or steps_per_call < 1 or context_length < 2:
             raise UserError(
@@ -249,8 +296,13 @@ class Engine:
             )
         self.num_slots, self.steps_per_call = num_slots, steps_per_call
         self.context_length = context_length
-        # The model as a graph and its weights: beam search (decoding/beam.py) runs them too.
-        self.graphdef, self.weights = nnx.split(model)
+        self._model = model
+        quantized = int8.is_quantized(model)
+        self._measure = quantized and int8_dots is None  # by warm_up
+        if int8_dots is None:
+            int8_dots = num_slots >= int8.MIN_ROWS  # int8.for_slots' rule
+        self.int8_dots = quantized and int8_dots
+        self._use(self._compile(self.int8_dots))
         self._buckets = prefill_buckets(context_length)
         self._rows = _row_buckets(num_slots)
         self._requests: list[Request | None] = [None] * num_slots
@@ -258,29 +310,68 @@ class Engine:
         self._drawn = [0] * num_slots
         self._pending: dict[int, _Prefill] = {}
         self._released = np.zeros(num_slots, bool)
+        # The decode call reads the cache blocks its slots' windows reach: one program each.
+        self._columns = sorted(
+            {visible_columns(c, context_length) for c in range(1, context_length + 1)}
+        )
         graphdef = self.graphdef
-        self._step = jax.jit(
-            lambda w, s, r: _decode(nnx.merge(graphdef, w), s, r, steps_per_call, context_length),
-            donate_argnums=1,
-            compiler_options=COMPILER_OPTIONS,
-        )
-        self._prefill = jax.jit(
-            lambda w, s, *rows: _prefill(nnx.merge(graphdef, w), context_length, s, *rows),
-            donate_argnums=1,
-        )
         empty = jax.jit(lambda w: _empty_state(nnx.merge(graphdef, w), num_slots, context_length))
         self._state = empty(self.weights)
         self.vocab_size = self._state.logits.shape[1]
 
+    def _compile(self, int8_dots: bool) -> _Program:
+        model = self._model if int8_dots else int8.dequantize_model(self._model)
+        return _program(model, self.context_length, self.steps_per_call)
+
+    def _use(self, program: _Program) -> None:
+        self.graphdef, self.weights = program.graphdef, program.weights
+        self._step, self._prefill = program.step, program.prefill
+
     def warm_up(self) -> None:
-        """Compiles every shape a run can need (the decode call, each prefill width for each
-        row count), so that no request waits for a compilation later. Needs an idle engine."""
+        """Chooses between int8 and float32 dots for a quantized model (unless forced), then
+        compiles every shape a run can need (the decode call for each number of cache blocks
+        read, each prefill width for each row count), so that no request waits for a
+        compilation later. Needs an idle engine."""
         if self.active_slots():
             raise UserError("warm_up() needs an idle engine")
+        if self._measure:
+            self._choose_dots()
         for width in self._buckets:
             for rows in self._rows:
                 self._prefill_rows(width, [None] * rows)  # padding rows: the state is unchanged
-        self._state, _ = self._step(self.weights, self._state, np.zeros(self.num_slots, bool))
+        for columns in self._columns:
+            self._state, _ = self._step(self.weights, self._state, self._idle(), columns)
+
+    def _choose_dots(self) -> None:
+        """Times the decode call (its narrowest) with int8 dots and with the float32 copy,
+        alternated, and keeps the faster (the best of three timed calls each)."""
+        programs = {dots: self._compile(dots) for dots in (True, False)}
+        best = dict.fromkeys(programs, math.inf)
+        for _ in range(4):  # the first call of each compiles: the best of the rest counts
+            for dots, program in programs.items():
+                start = time.perf_counter()
+                self._state, out = program.step(
+                    program.weights, self._state, self._idle(), self._columns[0]
+                )
+                jax.block_until_ready(out)
+                best[dots] = min(best[dots], time.perf_counter() - start)
+        self.int8_dots = best[True] <= best[False]
+        self._measure = False
+        self._use(programs[self.int8_dots])
+        logging.info(
+            "engine of %d slots decodes with %s dots (a decode call: int8 %.1f ms, float32 "
+            "%.1f ms)", self.num_slots, "int8" if self.int8_dots else "float32",
+            1e3 * best[True], 1e3 * best[False],
+        )  # fmt: skip
+
+    def _idle(self) -> np.ndarray:
+        return np.zeros(self.num_slots, bool)
+
+    def compiled_step(self, columns: int):
+        """The compiled decode call that reads the first `columns` cache columns (rounded up
+        to whole blocks), as XLA built it (`.as_text()` gives its HLO)."""
+        columns = visible_columns(columns, self.context_length)
+        return self._step.lower(self.weights, self._state, self._idle(), columns).compile()
 
     def free_slots(self) -> list[int]:
         return [i for i, r in enumerate(self._requests) if r is None]
@@ -316,8 +407,10 @@ class Engine:
         self._run_prefills()
         if not self.active_slots():
             return []
-        self._state, out = self._step(self.weights, self._state, self._released)
-        self._released = np.zeros(self.num_slots, bool)
+        self._state, out = self._step(
+            self.weights, self._state, self._released, self._columns_needed()
+        )
+        self._released = self._idle()
         tokens, logprobs, top_ids, top_logprobs = (np.asarray(a).swapaxes(0, 1) for a in out)
         results = []
         for slot in self.active_slots():
@@ -350,6 +443,12 @@ class Engine:
             for o in outputs:
                 if o.finished:
                     del owner[o.slot]
+
+    def _columns_needed(self) -> int:
+        """The cache columns this call's active slots can reach: each window plus the
+        tokens of the call, in whole blocks, at most the context."""
+        reach = max(len(self._windows[slot]) for slot in self.active_slots())
+        return visible_columns(reach + self.steps_per_call, self.context_length)
 
     def _advance(self, slot: int, new: np.ndarray) -> bool:
         """Host bookkeeping after `slot` produced `new` tokens; returns whether it finished."""
@@ -402,24 +501,36 @@ def prefill(model, tokens: jax.Array, lengths: jax.Array, context_length: int):
     """Runs the windows `tokens` (rows, width), `lengths` long, into a new cache of
     `context_length` columns (token i at column i and position i); returns each row's
     next-token logits (rows, vocab) in float32 and the cache. Padding after a window is
-    inert: causal attention never looks forward."""
+    inert: causal attention never looks forward (nor past the window's last block)."""
     rows, width = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(width), (rows, width))
-    causal = jnp.arange(context_length)[None, :] <= jnp.arange(width)[:, None]
-    mask = jnp.broadcast_to(causal, (rows, width, context_length))
+    columns = visible_columns(width, context_length)
+    causal = jnp.arange(columns)[None, :] <= jnp.arange(width)[:, None]
+    mask = jnp.broadcast_to(causal, (rows, width, columns))
     cache = model.init_cache(rows, context_length)
     logits, cache = model.forward_cached(tokens, positions, mask, cache, 0)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return last.astype(jnp.float32), cache
 
 
-def append(model, cache, tokens: jax.Array, lengths: jax.Array, context_length: int):
+def append(
+    model,
+    cache,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    context_length: int,
+    columns: int | None = None,
+):
     """Appends each row's token (rows,) to its window of `lengths[row]` tokens: writes it at
     that cache column and position and attends to the columns up to it; returns the rows'
-    next-token logits (rows, vocab) in float32 and the cache. A full row (length >=
-    context_length) writes over its last column: its caller discards the result."""
+    next-token logits (rows, vocab) in float32 and the cache. Only the first `columns` cache
+    columns are read (default: all; whole blocks, see `visible_columns`): a row whose window
+    reaches past them sees the rest as masked. A row's logits do not depend on `columns`
+    (models.CausalSelfAttention._attend_cached). A full row (length >= context_length)
+    writes over its last column: its caller discards the result."""
     at = jnp.minimum(lengths, context_length - 1)
-    mask = (jnp.arange(context_length) <= at[:, None])[:, None, :]
+    columns = visible_columns(columns or context_length, context_length)
+    mask = (jnp.arange(columns) <= at[:, None])[:, None, :]
     logits, cache = model.forward_cached(tokens[:, None], at[:, None], mask, cache, at)
     return logits[:, 0].astype(jnp.float32), cache
 
@@ -440,9 +551,12 @@ def _empty_state(model, num_slots: int, context_length: int) -> EngineState:
     )
 
 
-def _decode(model, s: EngineState, released: jax.Array, steps: int, context_length: int):
-    """`steps` tokens for every active slot; returns the state and, per step and slot, the
-    token (-1: none), its log-probability and the top alternatives."""
+def _decode(
+    model, s: EngineState, released: jax.Array, steps: int, context_length: int, columns: int
+):
+    """`steps` tokens for every active slot, reading the first `columns` cache columns (the
+    active windows stay within them); returns the state and, per step and slot, the token
+    (-1: none), its log-probability and the top alternatives."""
     s = s._replace(remaining=jnp.where(released, 0, s.remaining))
 
     def step(s: EngineState, _):
@@ -454,7 +568,7 @@ def _decode(model, s: EngineState, released: jax.Array, steps: int, context_leng
         # A full slot emits its token but does not append it: the host rebuilds its cache.
         # The rows that do not append write past their text (or into a slot being rebuilt).
         appended = emit & (s.length < context_length)
-        logits, cache = append(model, s.cache, token, s.length, context_length)
+        logits, cache = append(model, s.cache, token, s.length, context_length, columns)
         s = EngineState(
             cache,
             jnp.where(appended[:, None], logits, s.logits),

@@ -21,7 +21,7 @@ from charlm_jax.data.tokenizers import Tokenizer
 from charlm_jax.decoding import beam
 from charlm_jax.decoding.engine import STEPS_PER_CALL, Engine, Request, check_sampling_args
 from charlm_jax.errors import UserError
-from charlm_jax.model import int8, scoring
+from charlm_jax.model import scoring
 from charlm_jax.workdir.loader import open_run
 
 STREAM_CHUNK = 16  # tokens per chunk when the generate CLI streams
@@ -58,12 +58,12 @@ class Sampler:
     def engine(self, rows: int, steps_per_call: int | None = None) -> Engine:
         """The engine this Sampler decodes `rows` prompts with: min(MAX_SLOTS, the next power
         of two) slots (one engine, compiled once, per size). A quantized model's engines of
-        fewer than `int8.MIN_ROWS` slots decode with its float32 copy (faster there)."""
+        fewer than `int8.MIN_ROWS` slots decode with its float32 copy, faster there (the
+        engine's rule when not warmed up)."""
         slots = min(MAX_SLOTS, 1 << max(rows - 1, 0).bit_length())
         key = (slots, steps_per_call or STEPS_PER_CALL)
         if key not in self._engines:
-            model = int8.for_slots(self.model, slots)
-            self._engines[key] = Engine(model, self.context_length, *key)
+            self._engines[key] = Engine(self.model, self.context_length, *key)
         return self._engines[key]
 
     def _prompt_ids(self, prompt: str) -> np.ndarray:

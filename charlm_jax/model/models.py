@@ -38,7 +38,7 @@ from charlm_jax.model.config import (
 from charlm_jax.model.random_bits import hashed_uniform_bits
 
 QUERY_BLOCK = 128  # full-sequence attention runs in blocks of this many queries
-KV_BLOCK = 64  # columns per block of a KV cache (decoding skips the blocks nobody sees)
+KV_BLOCK = 64  # columns per block of a KV cache (decoding reads only the blocks seen)
 
 
 @runtime_checkable
@@ -48,8 +48,9 @@ class CachedDecoder(Protocol):
     A cache holds `context_length` columns per row. `forward_cached` writes `tokens`
     (batch, time) at columns column..column+time-1 and returns their logits (batch, time,
     vocab) with the new cache; they sit at `positions` (batch, time) and attend where `mask`
-    (batch, time, columns) is True. Within the context, its logits equal those of `__call__`
-    on the whole text.
+    (batch, time, visible) is True, over the first `visible` columns (all of them, or a
+    multiple of KV_BLOCK: the columns after are neither seen nor read). Within the context,
+    its logits equal those of `__call__` on the whole text.
     """
 
     def __call__(
@@ -138,7 +139,8 @@ class MLP(nnx.Module):
         Transformer)."""
         del positions  # the MLP only sees the window
         cache = write_columns(cache, tokens, column, axis=1)
-        visible = jnp.where(mask[:, -1, :], cache, self.pad_id)  # columns the row may not see
+        seen = jnp.pad(mask[:, -1, :], ((0, 0), (0, cache.shape[1] - mask.shape[-1])))
+        visible = jnp.where(seen, cache, self.pad_id)  # columns the row may not see
         padded = jnp.pad(visible, ((0, 0), (self.window - 1, 0)), constant_values=self.pad_id)
         if jnp.ndim(column) == 0:
             return self._logits(padded, column, tokens.shape[1], train=False, rngs=None), cache
@@ -268,7 +270,8 @@ class CausalSelfAttention(nnx.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         """x: (batch, time, dim); positions: (batch, time); mask: (batch, time, keys), True
         where a query may attend a key. With a cache, the new keys and values are written
-        at columns column..column+time-1 and the queries attend over all cache columns."""
+        at columns column..column+time-1 and the queries attend over the cache's first
+        `keys` columns."""
         batch, time, dim = x.shape
         head_dim = dim // self.num_heads
         qkv = dense(self.qkv, x).reshape(batch, time, 3, self.num_heads, head_dim)
@@ -311,36 +314,34 @@ class CausalSelfAttention(nnx.Module):
 
     def _attend_cached(self, q: jax.Array, mask: jax.Array, cache: KVCache) -> jax.Array:
         """Attention of q (batch, heads, time, head_dim) over the cache, its new keys and
-        values already written, where `mask` (batch, time, columns) allows. Writing first
-        keeps the cache updates in place: XLA copied every block that was read (inside a
-        `cond`) before being written. A block that no query may see is skipped; the softmax
-        runs per block with a shared maximum (as flash attention), so a skipped block and a
-        computed, fully masked one give the same bits."""
-        batch, heads, time, head_dim = q.shape
+        values already written, where `mask` (batch, time, visible) allows: the blocks that
+        hold the first `visible` columns are read, the rest are not. Writing first keeps the
+        cache updates in place.
+
+        A row's numbers do not depend on `visible` (nor on its neighbours, who set it): the
+        maximum over the blocks is exact whatever their number, a masked score's exponential
+        is exactly 0, and the row sums and value products are reduced per block and added in
+        block order, so the blocks after a row's window add exactly 0."""
+        head_dim = q.shape[-1]
         low = jnp.finfo(jnp.float32).min
-
-        def block(keys, values, m):
-            scores = jnp.einsum("bhqd,bhkd->bhqk", q, keys).astype(jnp.float32)
-            scores = jnp.where(m[:, None], scores / math.sqrt(head_dim), low)
-            top = jnp.max(scores, axis=-1, keepdims=True)
-            e = jnp.exp(scores - top)
-            out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(values.dtype), values)
-            return top, jnp.sum(e, axis=-1, keepdims=True), out.astype(jnp.float32)
-
-        def skip(keys, values, m):
-            del keys, values, m
-            zeros = jnp.zeros((batch, heads, time, 1))
-            return zeros + low, zeros, jnp.zeros((batch, heads, time, head_dim))
-
-        parts, offset = [], 0
-        for keys, values in zip(cache.k, cache.v, strict=True):
-            m = mask[:, :, offset : offset + keys.shape[2]]
-            parts.append(jax.lax.cond(jnp.any(m), block, skip, keys, values, m))
+        scores, offset = [], 0
+        for keys in cache.k:
+            if offset >= mask.shape[-1]:
+                break
+            m = mask[:, None, :, offset : offset + keys.shape[2]]
+            s = jnp.einsum("bhqd,bhkd->bhqk", q, keys).astype(jnp.float32)
+            scores.append(jnp.where(m, s / math.sqrt(head_dim), low))
             offset += keys.shape[2]
-        top = functools.reduce(jnp.maximum, [p[0] for p in parts])
-        scales = [jnp.exp(p[0] - top) for p in parts]
-        total = sum(scale * p[1] for scale, p in zip(scales, parts, strict=True))
-        out = sum(scale * p[2] for scale, p in zip(scales, parts, strict=True))
+        top = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s in scores])
+        weights = [jnp.exp(s - top) for s in scores]
+        total = functools.reduce(jnp.add, [jnp.sum(e, axis=-1, keepdims=True) for e in weights])
+        out = functools.reduce(
+            jnp.add,
+            [
+                jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v).astype(jnp.float32)
+                for e, v in zip(weights, cache.v, strict=False)
+            ],
+        )
         return (out / total).astype(q.dtype)
 
     def _attend(self, q, keys, values, masks, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
@@ -468,7 +469,7 @@ class Transformer(nnx.Module):
     ) -> tuple[jax.Array, list[KVCache]]:
         """Runs `tokens` (batch, time), placed at cache columns column..column+time-1
         (`column`: one index, or one per row), at the given `positions` (batch, time),
-        attending where `mask` (batch, time, columns) is True."""
+        attending where `mask` (batch, time, visible) is True (`CachedDecoder`)."""
         return self._forward(tokens, positions, mask, cache, column, train=False, rngs=None)
 
     def _forward(self, tokens, positions, mask, cache, column, *, train, rngs):

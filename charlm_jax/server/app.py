@@ -94,6 +94,7 @@ def create_app(service: Service) -> FastAPI:
             "object": "model",
             "created": service.created,
             "owned_by": "charlm-jax",
+            "decode_dots": service.decode_dots,  # set by the engine's warm-up
         }
         return {"object": "list", "data": [model]}
 

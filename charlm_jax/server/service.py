@@ -106,13 +106,19 @@ class Service:
         options: ServeOptions = ServeOptions(),
     ) -> Service:
         """Loads a trained workdir's checkpoint ("best", "latest" or a step) into an engine
-        of `num_slots` slots (it compiles when the service starts); `quantize` "int8" runs
-        the dense layers as int8 dots (model/int8.py) at any number of slots, so that the
-        model id's ":int8" says what decodes; the model id names the step loaded."""
+        of `num_slots` slots (it compiles when the service starts); `quantize` "int8" loads
+        the int8 model (model/int8.py), which decodes through int8 dots or its float32 copy,
+        whichever the engine measured faster at its warm-up (`decode_dots`); the model id
+        names the step loaded and the quantization."""
         run = open_run(workdir, checkpoint, quantize)
         engine_ = engine.Engine(run.model, run.context_length, num_slots)
         info = ModelInfo(Path(workdir).absolute().name, run.step, run.quantize)
         return cls(engine_, run.tokenizer, info, options)
+
+    @property
+    def decode_dots(self) -> str:
+        """What the engine's dense layers run: "int8" or "float32" dots."""
+        return "int8" if self.scheduler.engine.int8_dots else "float32"
 
     @property
     def status(self) -> str:
