@@ -1,11 +1,16 @@
 """End-to-end runs of `python -m charlm_jax.main`, in a subprocess as a user would run it."""
 
+import copy
 import json
+import runpy
 import signal
 import subprocess
 import sys
+import warnings
+from unittest import mock
 
 import pytest
+from absl import flags
 from conftest import ROOT, TINY_MODEL, TINY_TRAIN
 
 from charlm_jax import cli
@@ -45,6 +50,33 @@ def test_trains_end_to_end_with_overrides(tmp_path, text_file):
     assert summary["num_params"] == vocab * 32 + 32 * 96 + 32 * 32 + 2 * 32 * 64 + 3 * 32
     assert "step 20/20" in result.stderr and "tok/s" in result.stderr
     assert "orbax" not in result.stderr  # library INFO chatter stays off the console
+
+
+def main_in_process(capfd, module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m module args` run in this process (as `__main__`, by runpy): the exit
+    status, stdout and stderr a subprocess would give, without the seconds of a process start
+    (tests of signals, kills and several processes keep real ones). absl's flags are global:
+    those other commands defined in this process are set aside for the run, and restored."""
+    values = flags.FLAGS
+    saved = copy.deepcopy(vars(values))
+    for name in list(values):
+        if not values.find_module_defining_flag(name, "").startswith("absl"):
+            delattr(values, name)
+    values.unparse_flags()
+    capfd.readouterr()
+    code, message = 0, ""
+    try:
+        with mock.patch.object(sys, "argv", [module, *args]), warnings.catch_warnings():
+            # Run again as `__main__` after a test imported it: what a fresh process does.
+            warnings.filterwarnings("ignore", ".* found in sys.modules", RuntimeWarning)
+            runpy.run_module(module, run_name="__main__")
+    except SystemExit as e:  # sys.exit("error: ...") prints its text and exits with 1
+        code, message = (1, f"{e.code}\n") if isinstance(e.code, str) else (e.code or 0, "")
+    finally:
+        vars(values).clear()
+        vars(values).update(saved)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess([module, *args], code, out, err + message)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
