@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, tiny_config
 from flax import nnx
-from test_cli import CONFIG, TINY_FLAGS
+from test_cli import CONFIG, TINY_FLAGS, main_in_process
 
 from charlm_jax.checkpoints import load_model
 from charlm_jax.errors import UserError
@@ -59,10 +59,14 @@ def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path, text_file, monke
     assert [r["step"] for r in train_records] == [10, 20, 30, 40]  # no duplicates after resume
 
 
+def cli_args(workdir, text_file, *extra) -> list[str]:
+    """The training CLI's flags for a tiny run in `workdir`."""
+    return [f"--config={CONFIG}", f"--workdir={workdir}", *TINY_FLAGS,
+            f"--config.data.path={text_file}", "--config.train.eval_every=10", *extra]  # fmt: skip
+
+
 def run_cli(workdir, text_file, *extra, wait=True):
-    args = [sys.executable, "-m", "charlm_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
-            *TINY_FLAGS, f"--config.data.path={text_file}", "--config.train.eval_every=10",
-            *extra]  # fmt: skip
+    args = [sys.executable, "-m", "charlm_jax.main", *cli_args(workdir, text_file, *extra)]
     if wait:
         return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -77,18 +81,21 @@ def wait_for_checkpoint(process, workdir):
         time.sleep(0.05)
 
 
-def test_sigkill_then_resume_completes_with_the_same_parameters(tmp_path, text_file):
+def test_sigkill_then_resume_completes_with_the_same_parameters(tmp_path, text_file, capfd):
     steps = "--config.train.num_steps=200"
     process = run_cli(tmp_path / "killed", text_file, steps, wait=False)
     wait_for_checkpoint(process, tmp_path / "killed")
     time.sleep(np.random.default_rng().uniform(0, 0.5))
     process.kill()
     process.wait()
-    result = run_cli(tmp_path / "killed", text_file, steps)
+    # Only the kill needs a process of its own: the resumed and the whole run train here.
+    killed = cli_args(tmp_path / "killed", text_file, steps)
+    result = main_in_process(capfd, "charlm_jax.main", *killed)
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert summary["steps"] == 200 and summary["resumed_from_step"] is not None
-    whole = run_cli(tmp_path / "whole", text_file, steps)
+    whole = cli_args(tmp_path / "whole", text_file, steps)
+    whole = main_in_process(capfd, "charlm_jax.main", *whole)
     assert whole.returncode == 0, whole.stderr
     assert_same_params(tmp_path / "killed", tmp_path / "whole")
 
