@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import runpy
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import warnings
 from pathlib import Path
 from unittest import mock
 
+import jax
 import pytest
 from absl import flags
 from conftest import ROOT, TINY_MODEL, TINY_TRAIN
@@ -56,10 +58,10 @@ def test_trains_end_to_end_with_overrides(tmp_path, text_file):
 
 def main_in_process(capfd, module: str, *args: str) -> subprocess.CompletedProcess:
     """`python -m module args` (or `python module args` for a script path ending in .py) run
-    in this process as `__main__`, by runpy: the exit status, stdout and stderr a subprocess
-    would give, without the seconds of a process start (tests of signals, kills and several
-    processes keep real ones). absl's flags are global: those other commands defined in this
-    process are set aside for the run, and restored."""
+    in this process as `__main__`, by runpy, in the repository root: the exit status, stdout
+    and stderr a subprocess would give, without the seconds of a process start (tests of
+    signals, kills and several processes keep real ones). absl's flags are global: those
+    other commands defined in this process are set aside for the run, and restored."""
     values = flags.FLAGS
     saved = copy.deepcopy(vars(values))
     for name in list(values):
@@ -67,9 +69,19 @@ def main_in_process(capfd, module: str, *args: str) -> subprocess.CompletedProce
             delattr(values, name)
     values.unparse_flags()
     capfd.readouterr()
+    cwd = os.getcwd()
     code, message = 0, ""
     try:
-        with mock.patch.object(sys, "argv", [module, *args]), warnings.catch_warnings():
+        os.chdir(ROOT)  # where the subprocesses ran: relative paths mean the same
+        # JAX's backends run here already: XLA_FLAGS names their device count, so that a
+        # command leaves it as it is (parallel.one_cpu_device_per_core).
+        devices = f"--xla_force_host_platform_device_count={jax.device_count()}"
+        xla_flags = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {devices}".strip()}
+        with (
+            mock.patch.object(sys, "argv", [module, *args]),
+            mock.patch.dict(os.environ, xla_flags),
+            warnings.catch_warnings(),
+        ):
             # Run again as `__main__` after a test imported it: what a fresh process does.
             warnings.filterwarnings("ignore", ".* found in sys.modules", RuntimeWarning)
             if module.endswith(".py"):  # a script imports its siblings
@@ -80,6 +92,7 @@ def main_in_process(capfd, module: str, *args: str) -> subprocess.CompletedProce
     except SystemExit as e:  # sys.exit("error: ...") prints its text and exits with 1
         code, message = (1, f"{e.code}\n") if isinstance(e.code, str) else (e.code or 0, "")
     finally:
+        os.chdir(cwd)
         vars(values).clear()
         vars(values).update(saved)
     out, err = capfd.readouterr()

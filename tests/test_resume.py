@@ -59,14 +59,10 @@ def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path, text_file, monke
     assert [r["step"] for r in train_records] == [10, 20, 30, 40]  # no duplicates after resume
 
 
-def cli_args(workdir, text_file, *extra) -> list[str]:
-    """The training CLI's flags for a tiny run in `workdir`."""
-    return [f"--config={CONFIG}", f"--workdir={workdir}", *TINY_FLAGS,
-            f"--config.data.path={text_file}", "--config.train.eval_every=10", *extra]  # fmt: skip
-
-
 def run_cli(workdir, text_file, *extra, wait=True):
-    args = [sys.executable, "-m", "charlm_jax.main", *cli_args(workdir, text_file, *extra)]
+    args = [sys.executable, "-m", "charlm_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
+            *TINY_FLAGS, f"--config.data.path={text_file}", "--config.train.eval_every=10",
+            *extra]  # fmt: skip
     if wait:
         return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -81,21 +77,18 @@ def wait_for_checkpoint(process, workdir):
         time.sleep(0.05)
 
 
-def test_sigkill_then_resume_completes_with_the_same_parameters(tmp_path, text_file, capfd):
+def test_sigkill_then_resume_completes_with_the_same_parameters(tmp_path, text_file):
     steps = "--config.train.num_steps=200"
     process = run_cli(tmp_path / "killed", text_file, steps, wait=False)
     wait_for_checkpoint(process, tmp_path / "killed")
     time.sleep(np.random.default_rng().uniform(0, 0.5))
     process.kill()
     process.wait()
-    # Only the kill needs a process of its own: the resumed and the whole run train here.
-    killed = cli_args(tmp_path / "killed", text_file, steps)
-    result = main_in_process(capfd, "charlm_jax.main", *killed)
+    result = run_cli(tmp_path / "killed", text_file, steps)
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert summary["steps"] == 200 and summary["resumed_from_step"] is not None
-    whole = cli_args(tmp_path / "whole", text_file, steps)
-    whole = main_in_process(capfd, "charlm_jax.main", *whole)
+    whole = run_cli(tmp_path / "whole", text_file, steps)
     assert whole.returncode == 0, whole.stderr
     assert_same_params(tmp_path / "killed", tmp_path / "whole")
 
@@ -214,7 +207,7 @@ def evals(summary: dict, key: str) -> tuple[list, list]:
     return [r["step"] for r in records], [r[key] for r in records]
 
 
-def test_event_files_and_plots(tmp_path, text_file, monkeypatch):
+def test_event_files_and_plots(tmp_path, text_file, monkeypatch, capfd):
     assert events.masked_crc32c(b"123456789") == 0xC78AB0E5  # CRC-32C's check value, masked
     figures = kept_figures(monkeypatch)
     summaries = [
@@ -233,10 +226,8 @@ def test_event_files_and_plots(tmp_path, text_file, monkeypatch):
     png = tmp_path / "a" / "loss_curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     out = tmp_path / "both.png"
-    result = subprocess.run(
-        [sys.executable, "-m", "charlm_jax.plot", str(tmp_path / "a"), str(tmp_path / "b"),
-         f"--out={out}"], capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
+    runs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    result = main_in_process(capfd, "charlm_jax.plot", *runs, f"--out={out}")
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:4] == b"\x89PNG"
     # What the plots show: run a's loss curve, then both runs overlaid.
