@@ -1,22 +1,31 @@
 """End-to-end runs of `python -m charlm_jax.main`, in a subprocess as a user would run it."""
 
+import copy
 import json
+import os
+import runpy
 import signal
 import subprocess
 import sys
+import warnings
+from pathlib import Path
+from unittest import mock
 
+import jax
 import pytest
+from absl import flags
 from conftest import ROOT, TINY_MODEL, TINY_TRAIN
 
 from charlm_jax import cli
 
 CONFIG = str(ROOT / "configs" / "transformer.py")
+CONFIG_FLAG = f"--config={CONFIG}"
 TINY_FLAGS = [f"--config.{k}={v}" for k, v in {**TINY_MODEL["transformer"], **TINY_TRAIN}.items()]
 
 
-def run_main(*args: str, config: str = CONFIG) -> subprocess.CompletedProcess:
+def run_main(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "charlm_jax.main", f"--config={config}", *args],
+        [sys.executable, "-m", "charlm_jax.main", CONFIG_FLAG, *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -47,6 +56,49 @@ def test_trains_end_to_end_with_overrides(tmp_path, text_file):
     assert "orbax" not in result.stderr  # library INFO chatter stays off the console
 
 
+def main_in_process(capfd, module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m module args` (or `python module args` for a script path ending in .py) run
+    in this process as `__main__`, by runpy, in the repository root: the exit status, stdout
+    and stderr a subprocess would give, without the seconds of a process start (tests of
+    signals, kills and several processes keep real ones). absl's flags are global: those
+    other commands defined in this process are set aside for the run, and restored."""
+    values = flags.FLAGS
+    saved = copy.deepcopy(vars(values))
+    for name in list(values):
+        if not values.find_module_defining_flag(name, "").startswith("absl"):
+            delattr(values, name)
+    values.unparse_flags()
+    capfd.readouterr()
+    cwd = os.getcwd()
+    code, message = 0, ""
+    try:
+        os.chdir(ROOT)  # where the subprocesses ran: relative paths mean the same
+        # JAX's backends run here already: XLA_FLAGS names their device count, so that a
+        # command leaves it as it is (parallel.one_cpu_device_per_core).
+        devices = f"--xla_force_host_platform_device_count={jax.device_count()}"
+        xla_flags = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {devices}".strip()}
+        with (
+            mock.patch.object(sys, "argv", [module, *args]),
+            mock.patch.dict(os.environ, xla_flags),
+            warnings.catch_warnings(),
+        ):
+            # Run again as `__main__` after a test imported it: what a fresh process does.
+            warnings.filterwarnings("ignore", ".* found in sys.modules", RuntimeWarning)
+            if module.endswith(".py"):  # a script imports its siblings
+                with mock.patch.object(sys, "path", [str(Path(module).parent), *sys.path]):
+                    runpy.run_path(module, run_name="__main__")
+            else:
+                runpy.run_module(module, run_name="__main__")
+    except SystemExit as e:  # sys.exit("error: ...") prints its text and exits with 1
+        code, message = (1, f"{e.code}\n") if isinstance(e.code, str) else (e.code or 0, "")
+    finally:
+        os.chdir(cwd)
+        vars(values).clear()
+        vars(values).update(saved)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess([module, *args], code, out, err + message)
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
@@ -72,23 +124,25 @@ def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> 
         "bad-value",
     ],
 )
-def test_bad_input_gives_one_line_error(tmp_path, make_args, message):
+def test_bad_input_gives_one_line_error(tmp_path, capfd, make_args, message):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("To be, or not to be.")
-    result = run_main(f"--workdir={tmp_path / 'run'}", *TINY_FLAGS, *make_args(tmp_path))
-    assert_one_line_error(result, message)
+    args = [f"--workdir={tmp_path / 'run'}", *TINY_FLAGS, *make_args(tmp_path)]
+    assert_one_line_error(main_in_process(capfd, "charlm_jax.main", CONFIG_FLAG, *args), message)
 
 
-def test_unknown_preset_is_a_clear_error(tmp_path):
-    result = run_main(f"--workdir={tmp_path}", config=CONFIG + ":huge")
+def test_unknown_preset_is_a_clear_error(tmp_path, capfd):
+    args = [f"--config={CONFIG}:huge", f"--workdir={tmp_path}"]
+    result = main_in_process(capfd, "charlm_jax.main", *args)
     assert_one_line_error(result, "unknown preset 'huge'")
 
 
-def test_bad_config_field_is_a_one_line_error_before_the_data_is_read(tmp_path):
+def test_bad_config_field_is_a_one_line_error_before_the_data_is_read(tmp_path, capfd):
     missing = f"--config.data.path={tmp_path / 'missing.txt'}"  # the error if read first
-    result = run_main(
-        f"--workdir={tmp_path / 'run'}", *TINY_FLAGS, "--config.train.schedule=linear", missing
-    )
+    result = main_in_process(
+        capfd, "charlm_jax.main", CONFIG_FLAG, f"--workdir={tmp_path / 'run'}", *TINY_FLAGS,
+        "--config.train.schedule=linear", missing,
+    )  # fmt: skip
     assert_one_line_error(result, "error: unknown train.schedule 'linear'")
 
 

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import ROOT, TINY_TRAIN
+from test_cli import main_in_process
 
 sys.path.insert(0, str(ROOT / "experiments"))  # the scripts import their sibling modules
 import nanogpt_peer  # noqa: E402
@@ -23,21 +24,17 @@ import provenance  # noqa: E402
 SHORT = {**TINY_TRAIN, "train.num_steps": 2, "train.eval_every": 2, "train.log_every": 2}
 
 
-def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, f"experiments/{script}", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
+def run_script(capfd, script: str, *args: str) -> subprocess.CompletedProcess:
+    """`python experiments/SCRIPT args`, in this process; it must succeed."""
+    result = main_in_process(capfd, str(ROOT / "experiments" / script), *args)
     assert result.returncode == 0, result.stderr
     return result
 
 
-def test_demo_trains_and_samples_at_three_temperatures(tmp_path):
+def test_demo_trains_and_samples_at_three_temperatures(tmp_path, capfd):
     tiny = {**SHORT, "model.embedding_dim": 32, "model.hidden_dim": 64}
     result = run_script(
+        capfd,
         "demo.py",
         f"--workdir={tmp_path}",
         "--max_new_tokens=8",
@@ -50,8 +47,9 @@ def test_demo_trains_and_samples_at_three_temperatures(tmp_path):
     assert provenance.missing(json.loads((tmp_path / provenance.FILE).read_text())) == []
 
 
-def test_compare_matches_parameters_and_samples_each_model(tmp_path):
+def test_compare_matches_parameters_and_samples_each_model(tmp_path, capfd):
     result = run_script(
+        capfd,
         "compare_mlp_transformer.py",
         f"--workdir={tmp_path}",
         "--seconds=0",
@@ -93,9 +91,10 @@ def report():
     return module
 
 
-def test_quality_parity_scores_charlm_jax_with_provenance(tmp_path, report, monkeypatch):
+def test_quality_parity_scores_charlm_jax_with_provenance(tmp_path, report, monkeypatch, capfd):
     workdir = tmp_path / "parity"
     run_script(
+        capfd,
         "quality_parity.py", f"--workdir={workdir}", "--seeds=0",
         "--config=configs/transformer.py", *(f"--set={k}={v}" for k, v in TINY_JAX.items()),
     )  # fmt: skip
@@ -112,9 +111,12 @@ def test_quality_parity_scores_charlm_jax_with_provenance(tmp_path, report, monk
     assert "`python experiments/quality_parity.py --workdir=" in table
 
 
-def test_benchmark_sampling_writes_runs_the_decoding_table_renders(tmp_path, report, monkeypatch):
+def test_benchmark_sampling_writes_runs_the_decoding_table_renders(
+    tmp_path, report, monkeypatch, capfd
+):
     out = tmp_path / "decoding" / "benchmark_sampling.json"
     run_script(
+        capfd,
         "benchmark_sampling.py", "--runs=nanogpt_baby:2", "--new_tokens=nanogpt_baby:70",
         "--repeats=1", "--notorch", f"--out={out}",
     )  # fmt: skip
@@ -132,8 +134,8 @@ def test_benchmark_sampling_writes_runs_the_decoding_table_renders(tmp_path, rep
     assert f"| nanogpt_baby | 2 | 70 | {run['engine_median']:,.0f} | - | - |" in table
 
 
-def test_report_tables_match_the_committed_results():
-    result = run_script("report.py", "--check")
+def test_report_tables_match_the_committed_results(capfd):
+    result = run_script(capfd, "report.py", "--check")
     assert result.stdout.strip() == "stale: none"
 
 
@@ -231,9 +233,10 @@ def test_nanogpt_data_are_what_its_prepare_py_writes(tmp_path):
 
 
 @needs_nanogpt
-def test_nanogpt_peer_runs_nanogpt_train_py(tmp_path, report, monkeypatch):
+def test_nanogpt_peer_runs_nanogpt_train_py(tmp_path, report, monkeypatch, capfd):
     out = tmp_path / "full_runs" / "nanogpt.json"
     result = run_script(
+        capfd,
         "nanogpt_peer.py", f"--nanogpt_dir={NANOGPT_DIR}", f"--out={out}", "--target=10",
         *(f"--set={s}" for s in TINY_NANOGPT),
     )  # fmt: skip
@@ -258,9 +261,10 @@ def test_nanogpt_peer_runs_nanogpt_train_py(tmp_path, report, monkeypatch):
 
 
 @needs_nanogpt
-def test_quality_parity_alternates_with_nanogpt(tmp_path, report, monkeypatch):
+def test_quality_parity_alternates_with_nanogpt(tmp_path, report, monkeypatch, capfd):
     workdir = tmp_path / "parity"
     run_script(
+        capfd,
         "quality_parity.py", f"--workdir={workdir}", "--seeds=0,1",
         "--config=configs/transformer.py", f"--nanogpt_dir={NANOGPT_DIR}",
         *(f"--peer_set={s}" for s in TINY_NANOGPT),
@@ -281,10 +285,11 @@ def test_quality_parity_alternates_with_nanogpt(tmp_path, report, monkeypatch):
 
 
 @needs_nanogpt
-def test_speedrun_times_nanogpt_after_each_seed(tmp_path, report, monkeypatch):
+def test_speedrun_times_nanogpt_after_each_seed(tmp_path, report, monkeypatch, capfd):
     out = tmp_path / "speedrun" / "records" / "1.json"
     tiny = [f"--set={k}={v}" for k, v in TINY_JAX.items() if k != "train.num_steps"]
     run_script(
+        capfd,
         "speedrun.py", *tiny, "--seeds=0,1", "--target=4.0", "--check_every=2",
         "--gate=inf", f"--nanogpt_dir={NANOGPT_DIR}", f"--out={out}", "--label=tiny",
         *(f"--peer_set={s}" for s in TINY_NANOGPT),

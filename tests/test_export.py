@@ -1,16 +1,15 @@
 """The Hugging Face export: transformers loads it and computes the JAX model's logits."""
 
-import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import ROOT, tiny_config
+from conftest import tiny_config
 from flax import nnx
+from test_cli import main_in_process
 
 from charlm_jax.data.text_files import embedded_tiny_shakespeare
 from charlm_jax.data.tokenizers import CharTokenizer
@@ -117,17 +116,10 @@ def test_mlp_model_is_refused():
         hf_export.architecture(cfg)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "charlm_jax.export", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+def test_cli_errors_are_one_line(tmp_path, capfd):
+    def _cli(*args: str) -> subprocess.CompletedProcess:
+        return main_in_process(capfd, "charlm_jax.export", *args)
 
-
-def test_cli_errors_are_one_line(tmp_path):
     workdir, _, _ = _workdir(tmp_path / "run")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")

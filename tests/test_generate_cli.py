@@ -6,9 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-from absl import flags
 from conftest import ROOT, tiny_config
-from test_cli import assert_one_line_error
+from test_cli import assert_one_line_error, main_in_process
 
 from charlm_jax.training import train
 
@@ -41,10 +40,11 @@ def test_prompt_and_samples(workdir):
     assert all(s.startswith("ROMEO:") and len(s.rstrip("\n")) >= 6 for s in samples)
 
 
-def test_prompts_file_and_beam_search(workdir, tmp_path):
+def test_prompts_file_and_beam_search(workdir, tmp_path, capfd):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("ROMEO:\nJULIET: that\n\n")
-    result = run_generate(
+    result = generate_in_process(
+        capfd,
         f"--workdir={workdir}", f"--prompts_file={prompts}", "--max_new_tokens=10",
         "--beam_size=3",
     )  # fmt: skip
@@ -68,21 +68,8 @@ def test_interactive_session(workdir):
 
 
 def generate_in_process(capfd, *args: str) -> subprocess.CompletedProcess:
-    """The generate CLI's `main` in this process, its flags parsed from `args`: the exit
-    status and stderr `run_generate` would give, without a process start per case (the
-    process boundary itself is covered by the other tests)."""
-    from charlm_jax import generate
-
-    flags.FLAGS.unparse_flags()
-    try:
-        flags.FLAGS(["generate", *args])
-        generate.main(["generate"])
-        code, message = 0, ""
-    except SystemExit as e:  # sys.exit("error: ...") prints its text and exits with 1
-        code, message = 1, f"{e.code}\n"
-    finally:
-        flags.FLAGS.unparse_flags()
-    return subprocess.CompletedProcess(args, code, "", capfd.readouterr().err + message)
+    """The generate CLI in this process (the process boundary is covered by `run_generate`)."""
+    return main_in_process(capfd, "charlm_jax.generate", *args)
 
 
 @pytest.mark.parametrize(
@@ -100,9 +87,9 @@ def test_bad_input(workdir, capfd, args, message):
     assert_one_line_error(generate_in_process(capfd, f"--workdir={workdir}", *args), message)
 
 
-def test_missing_workdir(tmp_path):
+def test_missing_workdir(tmp_path, capfd):
     assert_one_line_error(
-        run_generate(f"--workdir={tmp_path / 'nope'}"), "error: no checkpoints in"
+        generate_in_process(capfd, f"--workdir={tmp_path / 'nope'}"), "error: no checkpoints in"
     )
     assert_one_line_error(run_generate(), "error: flag --workdir=None")
 
@@ -141,7 +128,7 @@ def test_interactive_mode_streams_in_chunks(monkeypatch, capsys):
     assert "abc" + "".join(chunks) in capsys.readouterr().out
 
 
-def test_bpe_model_trains_and_samples(tmp_path):
+def test_bpe_model_trains_and_samples(tmp_path, capfd):
     text = tmp_path / "text.txt"
     text.write_text("ROMEO: to be or not to be, café\nJULIET: that is the question\n" * 50)
     config = tiny_config(
@@ -153,8 +140,8 @@ def test_bpe_model_trains_and_samples(tmp_path):
     ratio = summary["val_chars_per_token"]
     assert ratio > 2  # nats per token over characters per token: bits per character
     assert summary["best_val_bpc"] == pytest.approx(summary["best_val_loss"] / np.log(2) / ratio)
-    result = run_generate(
-        f"--workdir={tmp_path / 'run'}", "--prompt=JULIET: é", "--num_samples=2",
+    result = generate_in_process(
+        capfd, f"--workdir={tmp_path / 'run'}", "--prompt=JULIET: é", "--num_samples=2",
         "--max_new_tokens=20", "--temperature=0.8",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -162,5 +149,6 @@ def test_bpe_model_trains_and_samples(tmp_path):
     assert len(samples) == 2 and all(s.startswith("JULIET: é") for s in samples)
     assert all(len(s) > len("JULIET: é") + 20 for s in samples)  # 20 tokens of 1+ characters
     assert_one_line_error(
-        run_generate(f"--workdir={tmp_path / 'run'}", "--prompt=Zed"), "error: unknown character"
+        generate_in_process(capfd, f"--workdir={tmp_path / 'run'}", "--prompt=Zed"),
+        "error: unknown character",
     )

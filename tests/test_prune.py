@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 from flax import nnx
-from test_cli import assert_one_line_error
-from test_quantize import run_module, train_tiny_run
+from test_cli import assert_one_line_error, main_in_process
+from test_quantize import train_tiny_run
 
 from charlm_jax.decoding.sampling import Sampler
 from charlm_jax.model import int8, models, pruning
@@ -88,10 +88,10 @@ def disk(path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def test_prune_cli_writes_a_smaller_workdir(workdir, tmp_path):
+def test_prune_cli_writes_a_smaller_workdir(workdir, tmp_path, capfd):
     out = tmp_path / "p"
-    result = run_module(
-        "charlm_jax.prune", f"--workdir={workdir}", f"--out={out}", "--mlp_keep=0.5"
+    result = main_in_process(
+        capfd, "charlm_jax.prune", f"--workdir={workdir}", f"--out={out}", "--mlp_keep=0.5"
     )
     assert result.returncode == 0, result.stderr
     pruned, original = open_run(out), open_run(workdir)
@@ -103,7 +103,7 @@ def test_prune_cli_writes_a_smaller_workdir(workdir, tmp_path):
     )
 
 
-def test_bad_input(workdir, tmp_path):
+def test_bad_input(workdir, tmp_path, capfd):
     for keep in (0, 1.5, -0.1):
         with pytest.raises(ValueError, match=rf"mlp_keep must be in \(0, 1\], got {keep}"):
             prune_workdir(workdir, tmp_path / "x", keep)
@@ -116,5 +116,6 @@ def test_bad_input(workdir, tmp_path):
         prune_workdir(workdir, tmp_path / "q", 0.5)
     args = [f"--workdir={workdir}", f"--out={tmp_path / 'y'}", "--mlp_keep=2"]
     assert_one_line_error(
-        run_module("charlm_jax.prune", *args), "error: mlp_keep must be in (0, 1], got 2.0"
+        main_in_process(capfd, "charlm_jax.prune", *args),
+        "error: mlp_keep must be in (0, 1], got 2.0",
     )

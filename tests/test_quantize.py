@@ -2,16 +2,15 @@
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config
+from conftest import tiny_config
 from flax import nnx
-from test_cli import assert_one_line_error
+from test_cli import assert_one_line_error, main_in_process
 
 from charlm_jax.decoding import engine
 from charlm_jax.decoding.sampling import Sampler
@@ -180,13 +179,10 @@ def test_bad_input(workdir, tmp_path):
         export_int8(workdir, tmp_path / "int8")
 
 
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
+def test_export_and_generate_clis(workdir, tmp_path, capfd):
+    def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+        return main_in_process(capfd, module, *args)
 
-
-def test_export_and_generate_clis(workdir, tmp_path):
     out = tmp_path / "q"
     result = run_module("charlm_jax.quantize", f"--workdir={workdir}", f"--out={out}")
     assert result.returncode == 0, result.stderr

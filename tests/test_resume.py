@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, tiny_config
 from flax import nnx
-from test_cli import CONFIG, TINY_FLAGS
+from test_cli import CONFIG, TINY_FLAGS, main_in_process
 
 from charlm_jax.checkpoints import load_model
 from charlm_jax.errors import UserError
@@ -207,7 +207,7 @@ def evals(summary: dict, key: str) -> tuple[list, list]:
     return [r["step"] for r in records], [r[key] for r in records]
 
 
-def test_event_files_and_plots(tmp_path, text_file, monkeypatch):
+def test_event_files_and_plots(tmp_path, text_file, monkeypatch, capfd):
     assert events.masked_crc32c(b"123456789") == 0xC78AB0E5  # CRC-32C's check value, masked
     figures = kept_figures(monkeypatch)
     summaries = [
@@ -226,10 +226,8 @@ def test_event_files_and_plots(tmp_path, text_file, monkeypatch):
     png = tmp_path / "a" / "loss_curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     out = tmp_path / "both.png"
-    result = subprocess.run(
-        [sys.executable, "-m", "charlm_jax.plot", str(tmp_path / "a"), str(tmp_path / "b"),
-         f"--out={out}"], capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
+    runs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    result = main_in_process(capfd, "charlm_jax.plot", *runs, f"--out={out}")
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:4] == b"\x89PNG"
     # What the plots show: run a's loss curve, then both runs overlaid.

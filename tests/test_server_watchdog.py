@@ -2,8 +2,6 @@
 returns, a failed warm-up. Live servers on 127.0.0.1 over a scripted engine (no model, no
 compilation), so that each test can break one; and one request through int8 dots."""
 
-import subprocess
-import sys
 import threading
 import time
 
@@ -11,7 +9,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from conftest import ROOT
+from test_cli import main_in_process
 from test_serve import TEXT, LiveServer, metric, wait_until
 
 from charlm_jax.data.tokenizers import CharTokenizer
@@ -178,14 +176,9 @@ def test_stop_during_warm_up_does_not_wait_for_it(monkeypatch):
     release.set()
 
 
-def test_server_flags_are_checked():
+def test_server_flags_are_checked(capfd):
     # absl's bound names the flag, in one line (every numeric flag has one; one is enough to
-    # see the mechanism: a process start is seconds)
-    result = subprocess.run(
-        [sys.executable, "-m", "charlm_jax.serve", "--workdir=unused", "--max_queue=0"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    # see the mechanism)
+    result = main_in_process(capfd, "charlm_jax.serve", "--workdir=unused", "--max_queue=0")
     assert result.returncode != 0 and "--max_queue=0" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY_MODEL, tiny_config
 from flax import nnx
+from test_cli import main_in_process
 
 from charlm_jax.errors import UserError
 from charlm_jax.model import models
@@ -38,11 +39,10 @@ def speedrun():
     return module
 
 
-def run_speedrun(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "experiments/speedrun.py", *args],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )  # fmt: skip
+def run_speedrun(capfd, *args: str) -> subprocess.CompletedProcess:
+    """`python experiments/speedrun.py args`, in this process (each seed is a process of its
+    own either way)."""
+    return main_in_process(capfd, str(ROOT / "experiments" / "speedrun.py"), *args)
 
 
 @pytest.mark.parametrize("reference", ["nanogpt_baby", "nanogpt"])
@@ -63,18 +63,18 @@ def test_tiny_model_reaches_a_loose_target(speedrun, reference):
 
 
 @pytest.mark.parametrize("target", ["0", "-1", "nan"])
-def test_non_positive_target_is_one_line(target):
-    result = run_speedrun(f"--target={target}")
+def test_non_positive_target_is_one_line(target, capfd):
+    result = run_speedrun(capfd, f"--target={target}")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         f"error: --target must be a positive number, got {float(target)}"
     ]
 
 
-def test_budget_spent_before_target_says_how_far_it_got(tmp_path):
+def test_budget_spent_before_target_says_how_far_it_got(tmp_path, capfd):
     # Two seeds: each runs in its own process, and the first failure stops the run.
     out = tmp_path / "run.json"
-    result = run_speedrun(*TINY, "--seeds=0,1", "--target=0.5", "--max_steps=4",
+    result = run_speedrun(capfd, *TINY, "--seeds=0,1", "--target=0.5", "--max_steps=4",
                           "--check_every=2", f"--out={out}")  # fmt: skip
     (line,) = result.stderr.strip().splitlines()
     assert result.returncode != 0 and line.startswith("error: seed 0: target 0.5 not reached: ")
@@ -85,9 +85,11 @@ def test_budget_spent_before_target_says_how_far_it_got(tmp_path):
     assert record["runs"][0]["process_s"] > record["runs"][0]["wall_to_target_s"]
 
 
-def test_record_file(tmp_path):
+def test_record_file(tmp_path, capfd):
     out = tmp_path / "run.json"
-    result = run_speedrun(*TINY, "--seeds=3", "--target=3.9", "--check_every=2", f"--out={out}")
+    result = run_speedrun(
+        capfd, *TINY, "--seeds=3", "--target=3.9", "--check_every=2", f"--out={out}"
+    )
     assert result.returncode == 0, result.stderr
     record = json.loads(out.read_text())
     assert record["target"] == 3.9 and [r["seed"] for r in record["runs"]] == [3]

@@ -1,11 +1,10 @@
 """Sweeps: the grid, naming, validation, running tiny runs (each a subprocess), the table."""
 
 import csv
-import subprocess
-import sys
 
 import pytest
 from conftest import ROOT, TINY_MODEL, TINY_TRAIN
+from test_cli import main_in_process
 
 from charlm_jax.errors import UserError
 from charlm_jax.training import sweeps
@@ -113,16 +112,6 @@ def test_sweep_grid_table_plots_failures_and_skip(tmp_path):
     assert not sweeps.is_finished(tmp_path / done[0]["run"], sweeps.load_config(more_steps))
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "experiments/sweep.py", f"--config={CONFIG}", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
-
-
 @pytest.mark.parametrize(
     ("sweep", "message"),
     [
@@ -131,8 +120,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     ],
     ids=["unknown-key", "malformed"],
 )
-def test_cli_bad_input_is_one_line_before_any_run(tmp_path, sweep, message):
-    result = run_cli(f"--sweep={sweep}", f"--workdir={tmp_path / 'sweep'}")
+def test_cli_bad_input_is_one_line_before_any_run(tmp_path, capfd, sweep, message):
+    args = [f"--config={CONFIG}", f"--sweep={sweep}", f"--workdir={tmp_path / 'sweep'}"]
+    result = main_in_process(capfd, str(ROOT / "experiments" / "sweep.py"), *args)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
