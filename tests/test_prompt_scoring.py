@@ -241,7 +241,9 @@ def test_scoring_holds_up_neither_the_loop_nor_decoding(server, monkeypatch):
 
 
 def test_int8_scores_with_the_int8_weights(workdir):
-    service = Service.from_workdir(workdir, num_slots=1, quantize="int8")
+    # 8 slots: the engine decodes through int8 dots until its warm-up measures otherwise.
+    service = Service.from_workdir(workdir, num_slots=8, quantize="int8")
+    assert service.scheduler.engine.int8_dots
     leaves = jax.tree.leaves(service.scorer.model)
     assert any(x.dtype == np.int8 for x in leaves)
     engine_leaves = jax.tree.leaves(service.scheduler.engine.weights)
