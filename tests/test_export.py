@@ -41,11 +41,19 @@ def _workdir(path, seed: int = 0, **overrides):
     return path, model, tokenizer
 
 
+@nnx.jit
+def _forward(model, tokens: jax.Array) -> jax.Array:
+    return model(tokens)
+
+
 def _greedy(model, ids: np.ndarray, steps: int) -> list[int]:
-    tokens = jnp.asarray(ids)[None]
-    for _ in range(steps):
-        tokens = jnp.concatenate([tokens, jnp.argmax(model(tokens)[:, -1:], -1)], axis=1)
-    return np.asarray(tokens[0, ids.size :]).tolist()
+    # One compiled shape (the whole context, zero-padded): the model is causal, so the
+    # padding never reaches the positions read; eager calls would compile every length.
+    tokens = np.zeros((1, model.cfg.context_length), np.int32)
+    tokens[0, : ids.size] = ids
+    for end in range(ids.size, ids.size + steps):
+        tokens[0, end] = int(jnp.argmax(_forward(model, jnp.asarray(tokens))[0, end - 1]))
+    return tokens[0, ids.size : ids.size + steps].tolist()
 
 
 ARCHITECTURES = {
@@ -80,7 +88,9 @@ def test_transformers_computes_the_same_logits(tmp_path, name):
     assert hf_tokenizer(VAL_TEXT[: model.cfg.context_length])["input_ids"] == ids.tolist()
     with torch.no_grad():
         hf_logits = hf_model(torch.tensor(ids[None], dtype=torch.long)).logits.numpy()
-    np.testing.assert_allclose(hf_logits, np.asarray(model(jnp.asarray(ids)[None])), atol=1e-4)
+    np.testing.assert_allclose(
+        hf_logits, np.asarray(_forward(model, jnp.asarray(ids)[None])), atol=1e-4
+    )
 
     prompt = ids[: model.cfg.context_length - CONTINUATION]
     generated = hf_model.generate(
