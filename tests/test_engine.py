@@ -30,6 +30,16 @@ def joined(outputs, field="tokens"):
     return np.concatenate([getattr(o, field) for o in outputs])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def default_codegen():
+    """The engine's decode calls compiled at XLA's default LLVM optimisation level, as they
+    run outside the tests (conftest lowers it): the bit-for-bit comparisons here hold there."""
+    options = {**engine_lib.COMPILER_OPTIONS, "xla_backend_optimization_level": 3}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine_lib, "COMPILER_OPTIONS", options)
+        yield
+
+
 @pytest.fixture(scope="module")
 def sampler():
     return make_sampler()

@@ -55,7 +55,8 @@ print(json.dumps({{
 
 
 def subprocess_env(devices: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    return {**os.environ, "XLA_FLAGS": flags.strip()}
 
 
 def train_losses(workdir) -> list[float]:
