@@ -37,7 +37,6 @@ from absl import app, flags
 
 from charlm_jax.data.text_files import embedded_tiny_shakespeare
 from charlm_jax.decoding.engine import Engine, Request
-from charlm_jax.model import int8
 from charlm_jax.workdir.loader import open_run
 
 flags.DEFINE_string("url", None, "A running server (http://HOST:PORT); or --workdir.")
@@ -187,8 +186,8 @@ def engine_tokens_per_second(workdir: str, bodies: list[dict], repeats: int = 3)
     """The engine alone: all `bodies` inserted at once (batch = their number), the median
     tokens/s over `repeats` runs after one warm-up run."""
     run = open_run(workdir, "best", FLAGS.quantize)
-    model = int8.for_slots(run.model, len(bodies))
-    engine = Engine(model, run.context_length, num_slots=len(bodies))
+    engine = Engine(run.model, run.context_length, num_slots=len(bodies))
+    engine.warm_up()  # int8 or float32 dots, whichever is faster here (as the server runs)
     requests = [
         Request(run.tokenizer.encode(b["prompt"]), b["max_tokens"], seed=i)
         for i, b in enumerate(bodies)
