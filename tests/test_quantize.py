@@ -21,6 +21,7 @@ from charlm_jax.workdir.int8_export import export_int8
 from charlm_jax.workdir.loader import open_run
 
 VOCAB = 20
+CONTEXT = 32  # tiny_config's context length
 VARIANTS = [
     ("transformer", {}),
     ("transformer", {"model.position": "rope", "model.norm": "rmsnorm", "model.use_bias": True}),
@@ -89,14 +90,23 @@ def test_compiled_forward_runs_int8_dots(batch):
 
 @pytest.mark.parametrize(("name", "overrides"), VARIANTS[::2])
 def test_small_engines_decode_with_the_dequantized_float_copy(name, overrides):
-    """Below MIN_ROWS slots the engine's model is float32 (no int8 dot) and holds the int8
-    weights times their scales: its logits are the int8 model's up to activation rounding."""
+    """Below MIN_ROWS slots an engine not warmed up decodes with a float32 model (no int8
+    dot) holding the int8 weights times their scales: its logits are the int8 model's up to
+    activation rounding."""
     model = random_model(name, **overrides)
     quantized = int8.quantize_model(model)
     ids = tokens(batch=1, time=1)
-    assert int8.for_slots(quantized, int8.MIN_ROWS) is quantized
-    assert int8.for_slots(model, 1) is model
-    small = int8.for_slots(quantized, int8.MIN_ROWS - 1)
+
+    def decoded_model(model, slots):
+        eng = engine.Engine(model, CONTEXT, num_slots=slots)
+        return eng.int8_dots, nnx.merge(eng.graphdef, eng.weights)
+
+    dots, large = decoded_model(quantized, int8.MIN_ROWS)
+    assert dots and int8.is_quantized(large)
+    dots, plain = decoded_model(model, 1)
+    assert not dots and not int8.is_quantized(plain)
+    dots, small = decoded_model(quantized, int8.MIN_ROWS - 1)
+    assert not dots
     assert not int8.is_quantized(small) and int8_dot_count(small, ids) == 0
     if name == "transformer":  # the lookup table is the float32 original
         np.testing.assert_array_equal(small.embed.embedding[...], model.embed.embedding[...])

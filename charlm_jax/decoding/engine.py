@@ -275,8 +275,9 @@ class Engine:
 
     A quantized model (model/int8.py) decodes through int8 dots or through its float32 copy
     (`int8.dequantize_model`), whichever `warm_up` measures faster at `num_slots` slots;
-    `int8_dots` True or False forces the choice, and before `warm_up` the engine follows
-    `int8.for_slots`. The attribute `int8_dots` says which runs.
+    `int8_dots` True or False forces the choice; before `warm_up`, int8 dots from
+    `int8.MIN_ROWS` slots (below, float32 ones are faster on a CPU). The attribute
+    `int8_dots` says which runs.
 
     Not thread-safe: one thread drives it.
     """
@@ -300,7 +301,7 @@ class Engine:
         quantized = int8.is_quantized(model)
         self._measure = quantized and int8_dots is None  # by warm_up
         if int8_dots is None:
-            int8_dots = num_slots >= int8.MIN_ROWS  # int8.for_slots' rule
+            int8_dots = num_slots >= int8.MIN_ROWS
         self.int8_dots = quantized and int8_dots
         self._use(self._compile(self.int8_dots))
         self._buckets = prefill_buckets(context_length)

@@ -147,10 +147,3 @@ def dequantize_model(model: nnx.Module) -> nnx.Module:
     model = nnx.clone(model)
     _replace_modules(model, _to_float)
     return model
-
-
-def for_slots(model: nnx.Module, num_slots: int) -> nnx.Module:
-    """The model an engine of `num_slots` slots decodes with: a quantized model's float32
-    copy (`dequantize_model`) below MIN_ROWS slots, where int8 dots are slower than float32
-    ones on the CPU (docs/quantization.md); `model` itself otherwise."""
-    return dequantize_model(model) if num_slots < MIN_ROWS and is_quantized(model) else model
