@@ -34,7 +34,7 @@ from flax import nnx
 
 from charlm_jax.data.text_files import embedded_tiny_shakespeare
 from charlm_jax.data.tokenizers import CharTokenizer
-from charlm_jax.decoding.engine import Engine, Request
+from charlm_jax.decoding.engine import Engine, Request, rebuilt_length
 from charlm_jax.decoding.sampling import Sampler
 from charlm_jax.model import models
 
@@ -91,7 +91,7 @@ def mean_window(context: int, new_tokens: int) -> float:
     length, columns = 1, []
     for _ in range(new_tokens):
         if length == context:
-            length = context - context // 2 + 1  # rebuilt: the newest half and the token
+            length = rebuilt_length(context)  # the newest half and the token
         else:
             columns.append(length + 1)  # the new token's column and those before it
             length += 1

@@ -61,7 +61,7 @@ def search(
             length, step = length + end - step, end
         if step < max_new_tokens:  # the window is full: rebuild it with the next token
             s = _rebuild(*static, decoder.weights, s, step)
-            length, step = context_length + 1 - context_length // 2, step + 1
+            length, step = engine.rebuilt_length(context_length), step + 1
     best = int(jnp.argmax(s.scores))
     return np.asarray(s.tokens[best, :max_new_tokens]), float(s.scores[best])
 

@@ -209,12 +209,17 @@ def newest_half(window, context_length: int):
     return window[..., context_length // 2 :]
 
 
+def rebuilt_length(context_length: int) -> int:
+    """The length of a window rebuilt by `newest_half`."""
+    return context_length + 1 - context_length // 2
+
+
 def prefill_buckets(context_length: int) -> list[int]:
     """Prefill widths: powers of two from MIN_PREFILL below the context, the context, and
     the width of a rebuild after a full window (the newest half plus one token)."""
     powers = {1 << i for i in range(context_length.bit_length())}
     powers = {p for p in powers if MIN_PREFILL <= p < context_length}
-    return sorted(powers | {context_length, context_length + 1 - context_length // 2})
+    return sorted(powers | {context_length, rebuilt_length(context_length)})
 
 
 def visible_columns(columns: int, context_length: int) -> int:
