@@ -22,8 +22,8 @@ With --nanogpt_dir=DIR (a checkout of karpathy/nanoGPT) and --peer_python (a Pyt
 torch), each seed is followed by a run of nanoGPT's own train.py (experiments/nanogpt_peer.py:
 its README's CPU baby-GPT command for `nanogpt_baby`, config/train_shakespeare_char.py on a
 GPU for `nanogpt`), alternated on the same machine. Both sides are timed two ways: the whole
-process, launch to exit, measured by this script for both (a seed's process here also scores
-the whole validation text after its clock stops), and the time to the target from launch
+process, launch to exit, measured by this script for both (a seed's process here ends by
+saving its model, which this script then scores on the whole validation text), and the time to the target from launch
 (here when the estimate reaches it, there when its evaluation line reports it).
 """
 
@@ -88,6 +88,10 @@ flags.DEFINE_string("label", "", "What this run tries, for the record table (in 
 flags.DEFINE_string("nanogpt_dir", "", "A nanoGPT checkout: also time its train.py per seed.")
 flags.DEFINE_string("peer_python", sys.executable, "A Python with torch, for nanoGPT.")
 flags.DEFINE_multi_string("peer_set", [], "KEY=VALUE: a nanoGPT train.py override.")
+flags.DEFINE_string(
+    "model_out", "", "Save the trained weights here (.npz) instead of scoring the whole "
+    "validation text (the parent process of a run of several seeds scores it)."
+)  # fmt: skip
 # Off by default: records compile from scratch. The tests load this script into processes
 # that also import the generate CLI, which defines the same flag.
 cli.define_compilation_cache_flag(default="", allow_override=True)
@@ -95,16 +99,16 @@ FLAGS = flags.FLAGS
 
 
 def train_to_target(config, reference: Reference, target: float, check_every: int,
-                    max_steps: int, max_seconds: float, gate: float) -> dict:  # fmt: skip
+                    max_steps: int, max_seconds: float, gate: float):  # fmt: skip
     """Trains `config` until nanoGPT's validation estimate is <= `target` or a budget runs
     out, checking every `check_every` steps once the mean training loss of the last ones is
-    within `gate` of the target; the run's record (times from the process start)."""
+    within `gate` of the target: (the run's record, times from the process start; the
+    trained model)."""
     import jax
     import numpy as np
     from flax import nnx
 
     from charlm_jax.data import batching, pipeline
-    from charlm_jax.model import scoring
     from charlm_jax.training import parallel, train
 
     seq_len = config.data.context_length
@@ -148,7 +152,7 @@ def train_to_target(config, reference: Reference, target: float, check_every: in
         if loss <= target or out_of_time or not math.isfinite(train_loss) or math.isnan(loss):
             break
     elapsed = time.perf_counter() - START
-    return {
+    record = {
         "seed": config.train.seed,
         "reached": loss <= target,
         "steps": step,
@@ -158,12 +162,44 @@ def train_to_target(config, reference: Reference, target: float, check_every: in
         "wall_to_target_s": elapsed,
         "startup_s": started,  # imports, data, model, compilation of the train step
         "step_ms": 1000 * (elapsed - started) / max(step, 1),  # the estimates included
-        "whole_val_loss": scoring.score_tokens(
-            nnx.merge(model_def, model_state), dataset.val, seq_len, stride=seq_len
-        ).nats_per_token,
         "platform": jax.devices()[0].platform,
         "num_devices": jax.device_count(),
     }
+    return record, nnx.merge(model_def, model_state)
+
+
+def whole_val_loss(model, config) -> float:
+    """`model`'s loss on the whole validation text, in back-to-back windows of its context."""
+    from charlm_jax.data import pipeline
+    from charlm_jax.model import scoring
+
+    val, context = pipeline.load_dataset(config.data).val, config.data.context_length
+    return scoring.score_tokens(model, val, context, stride=context).nats_per_token
+
+
+def save_weights(model, path: str) -> None:
+    """`model`'s weights as an .npz of its state's leaves, in order (`load_weights`)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    np.savez(path, *(np.asarray(x) for x in jax.tree.leaves(nnx.state(model))))
+
+
+def load_weights(config, path: Path):
+    """The model of `config` with the weights `save_weights` wrote to `path`."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from charlm_jax.data import pipeline
+    from charlm_jax.model import models
+
+    vocab_size = pipeline.load_dataset(config.data).tokenizer.vocab_size
+    graphdef, state = nnx.split(models.abstract_model(config, vocab_size))
+    with np.load(path) as saved:
+        leaves = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    return nnx.merge(graphdef, jax.tree.unflatten(jax.tree.structure(state), leaves))
 
 
 def time_peer(target: float) -> dict:
@@ -181,22 +217,31 @@ def time_peer(target: float) -> dict:
 def run_seeds(argv: list[str], seeds: list[str], target: float) -> tuple[list[dict], list[dict]]:
     """Each seed's record from a fresh process per seed (this command with --seeds=SEED), up
     to the first that did not reach the target, with `process_s` its launch to exit; with
-    --nanogpt_dir, each followed by a run of nanoGPT's train.py (alternated processes)."""
-    passed = ("--seeds=", "--out=", "--nanogpt_dir=", "--peer_python=", "--peer_set=")
+    --nanogpt_dir, each followed by a run of nanoGPT's train.py (alternated processes). A
+    seed's process saves its model, and this one scores it on the whole validation text:
+    an evaluation of the result, not part of the run it times."""
+    passed = ("--seeds=", "--out=", "--nanogpt_dir=", "--peer_python=", "--peer_set=",
+              "--model_out=")  # fmt: skip
     flags_ = [a for a in argv[1:] if not a.startswith(passed)]
     records, peers = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            out = Path(tmp) / f"seed{seed}.json"
+            out, weights = Path(tmp) / f"seed{seed}.json", Path(tmp) / f"seed{seed}.npz"
             command = [sys.executable, str(Path(__file__).resolve()), *flags_,
-                       f"--seeds={seed}", f"--out={out}"]  # fmt: skip
+                       f"--seeds={seed}", f"--out={out}", f"--model_out={weights}"]  # fmt: skip
             start = time.perf_counter()
             done = subprocess.run(command, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
             process_s = time.perf_counter() - start
             if not out.exists():  # it failed before training
                 last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
                 raise UserError(f"seed {seed}: {last.removeprefix('error: ')}")
-            records += [{**r, "process_s": process_s} for r in json.loads(out.read_text())["runs"]]
+            config = run_config(seed)
+            loss = whole_val_loss(load_weights(config, weights), config)
+            print(f"seed {seed}: whole val text {loss:.4f}", flush=True)
+            records += [
+                {**r, "process_s": process_s, "whole_val_loss": loss}
+                for r in json.loads(out.read_text())["runs"]
+            ]
             if not records[-1]["reached"]:
                 break
             if FLAGS.nanogpt_dir:
@@ -205,23 +250,37 @@ def run_seeds(argv: list[str], seeds: list[str], target: float) -> tuple[list[di
     return records, peers
 
 
-def run_here(seed: str, target: float) -> dict:
-    """One seed's record, trained in this process."""
-    from charlm_jax.training import parallel, sweeps, train
+def run_config(seed: str):
+    """The config a seed trains: --config (or the reference's) with --set, at `seed`."""
+    from charlm_jax.training import sweeps, train
 
     config_arg = FLAGS.config or REFERENCES[FLAGS.reference].config
     config = sweeps.load_config(sweeps.expand_grid(config_arg, [], FLAGS.set)[0])
     config.train.seed = int(seed)
     train.validate(config)
+    return config
+
+
+def run_here(seed: str, target: float) -> dict:
+    """One seed's record, trained in this process; the model scored on the whole validation
+    text, or with --model_out saved for the parent process to score."""
+    from charlm_jax.training import parallel
+
+    config = run_config(seed)
     max_steps = FLAGS.max_steps or config.train.num_steps
     # A process-wide setting, so the CLI makes it (before JAX's backends start), not
     # train_to_target, which tests call in a process whose backends already run.
     parallel.one_cpu_device_per_core(config.train.batch_size)
     cli.use_compilation_cache(FLAGS.compilation_cache)
-    return train_to_target(
+    record, model = train_to_target(
         config, REFERENCES[FLAGS.reference], target, FLAGS.check_every, max_steps,
         FLAGS.max_seconds, FLAGS.gate,
     )  # fmt: skip
+    if FLAGS.model_out:
+        save_weights(model, FLAGS.model_out)
+    else:
+        record["whole_val_loss"] = whole_val_loss(model, config)
+    return record
 
 
 def summary_line(record: dict, target: float) -> str:
@@ -233,16 +292,17 @@ def summary_line(record: dict, target: float) -> str:
     return (
         f"seed {record['seed']}: {head} at step {record['steps']} in "
         f"{record['wall_to_target_s']:.1f} s (start-up {record['startup_s']:.1f} s, "
-        f"{record['step_ms']:.1f} ms/step); estimate {record['estimate']:.4f}, whole val text "
-        f"{record['whole_val_loss']:.4f}"
+        f"{record['step_ms']:.1f} ms/step); estimate {record['estimate']:.4f}"
+        + (f", whole val text {record['whole_val_loss']:.4f}" if "whole_val_loss" in record else "")
     )
 
 
 def write_result(path: str, started: dict, target: float, records: list[dict],
                  peers: list[dict]) -> None:  # fmt: skip
     """The runs, their means and how they were made, as JSON (results/speedrun/)."""
-    keys = ("steps", "wall_to_target_s", "startup_s", "step_ms", "estimate", "whole_val_loss")
-    keys += ("process_s",) if "process_s" in records[0] else ()
+    keys = ("steps", "wall_to_target_s", "startup_s", "step_ms", "estimate", "whole_val_loss",
+            "process_s")  # fmt: skip
+    keys = [key for key in keys if key in records[0]]  # a seed's own process has the first 5
     result = {
         "label": FLAGS.label, "reference": FLAGS.reference, "target": target, "runs": records,
         "mean": {key: statistics.mean(r[key] for r in records) for key in keys},

@@ -110,6 +110,7 @@ def test_transformers_computes_the_same_logits(tmp_path, name):
     [
         ({"model.qk_norm": True}, "model.qk_norm=True"),
         ({"model.logit_softcap": 15.0}, "model.logit_softcap"),
+        ({"model.bigram_embedding": True}, "model.bigram_embedding=True"),
         ({"model.norm": "rmsnorm"}, "model.norm='rmsnorm' with model.position='learned'"),
     ],
 )

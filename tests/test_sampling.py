@@ -23,7 +23,11 @@ CONTEXT = 32
 
 VARIANTS = [
     ("transformer", {}),
-    ("transformer", {"model.position": "rope", "model.norm": "rmsnorm"}),
+    # With the bigram embedding each token pairs with the one before it, read from the cache.
+    (
+        "transformer",
+        {"model.position": "rope", "model.norm": "rmsnorm", "model.bigram_embedding": True},
+    ),
     ("mlp", {}),
 ]
 
@@ -33,6 +37,9 @@ def make_sampler(name="transformer", context=CONTEXT, **overrides) -> Sampler:
     config = tiny_config(name, **{"data.context_length": context, **overrides})
     # A larger init than training's makes the random model's logits far from uniform.
     model = models.create_model(config, tokenizer.vocab_size, nnx.Rngs(7))
+    if getattr(model, "bigram", None) is not None:  # zero at init: random rows instead
+        table = model.bigram.embedding
+        table[...] = models.INIT_STD * jax.random.normal(jax.random.key(8), table.shape)
     state = nnx.state(model)
     state = jax.tree.map(lambda p: p * 8 if p.ndim > 1 else p, state)
     nnx.update(model, state)

@@ -64,6 +64,9 @@ class TransformerConfig:
     activation: str = "gelu"  # the MLP's: "gelu" (tanh approximation) | "relu2" (squared ReLU)
     tie_embeddings: bool = True  # the output head is the token embedding (False: its own)
     zero_init: bool = False  # projections into the residual stream, and an own head, start at 0
+    # Adds an embedding of each (previous, current) token pair to the token's: an exact
+    # bigram table, (vocab + 1) x vocab rows (a window's first token pairs with "none").
+    bigram_embedding: bool = False
     logit_softcap: float = 0.0  # > 0: logits = softcap * tanh(logits / softcap)
     attention: str = "xla"  # "xla" | "dot_product" (jax.nn.dot_product_attention: cuDNN on GPUs)
     dtype: np.dtype = np.dtype("float32")  # compute dtype of the blocks' matmuls ("bfloat16")

@@ -246,6 +246,30 @@ class KVCache(NamedTuple):
         return KVCache(put(self.k, k), put(self.v, v))
 
 
+class TransformerCache(NamedTuple):
+    """The Transformer's decoding cache: each layer's keys and values, and with a bigram
+    embedding the tokens written so far (batch, columns), whose last one each new token pairs
+    with."""
+
+    layers: list[KVCache]
+    tokens: jax.Array | None = None
+
+    def previous_token(self, column, none_id: int) -> jax.Array:
+        """(batch,) the token before cache column `column` (one index, or one per row):
+        `none_id` at column 0."""
+        column = jnp.broadcast_to(column, self.tokens.shape[:1])
+        before = jnp.take_along_axis(self.tokens, jnp.maximum(column - 1, 0)[:, None], axis=1)
+        return jnp.where(column > 0, before[:, 0], none_id)
+
+
+def bigram_ids(tokens: jax.Array, first_previous: jax.Array, vocab_size: int) -> jax.Array:
+    """The bigram table's row of each (previous, current) pair of `tokens` (batch, time):
+    previous * vocab_size + current, with `first_previous` (batch,) before the first token
+    (vocab_size: none)."""
+    previous = jnp.concatenate([first_previous[:, None], tokens[:, :-1]], axis=1)
+    return previous * vocab_size + tokens
+
+
 class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         dim = cfg.embedding_dim
@@ -420,6 +444,12 @@ class Transformer(nnx.Module):
             nnx.Embed, embedding_init=_normal(), param_dtype=cfg.param_dtype, rngs=rngs
         )
         self.embed = embed(cfg.vocab_size, cfg.embedding_dim)
+        # Zero at first, so the model starts as it would without it.
+        self.bigram = (
+            embed((cfg.vocab_size + 1) * cfg.vocab_size, cfg.embedding_dim,
+                  embedding_init=nnx.initializers.zeros)
+            if cfg.bigram_embedding else None
+        )  # fmt: skip
         learned = cfg.position == "learned"
         self.pos_embed = embed(cfg.context_length, cfg.embedding_dim) if learned else None
         self.dropout = Dropout(cfg.dropout_rate)
@@ -453,20 +483,21 @@ class Transformer(nnx.Module):
         logits, _ = self._forward(tokens, positions, mask, None, 0, train=train, rngs=rngs)
         return logits
 
-    def init_cache(self, batch: int, context_length: int) -> list[KVCache]:
-        """An empty KV cache of `context_length` columns per layer (at most the model's
-        context length)."""
+    def init_cache(self, batch: int, context_length: int) -> TransformerCache:
+        """An empty cache of `context_length` columns (at most the model's context length)."""
         heads, head_dim = self.cfg.num_heads, self.cfg.head_dim
-        return [KVCache.zeros(batch, heads, context_length, head_dim) for _ in self.blocks]
+        layers = [KVCache.zeros(batch, heads, context_length, head_dim) for _ in self.blocks]
+        tokens = jnp.zeros((batch, context_length), jnp.int32) if self.bigram is not None else None
+        return TransformerCache(layers, tokens)
 
     def forward_cached(
         self,
         tokens: jax.Array,
         positions: jax.Array,
         mask: jax.Array,
-        cache: list[KVCache],
+        cache: TransformerCache,
         column,
-    ) -> tuple[jax.Array, list[KVCache]]:
+    ) -> tuple[jax.Array, TransformerCache]:
         """Runs `tokens` (batch, time), placed at cache columns column..column+time-1
         (`column`: one index, or one per row), at the given `positions` (batch, time),
         attending where `mask` (batch, time, visible) is True (`CachedDecoder`)."""
@@ -474,11 +505,18 @@ class Transformer(nnx.Module):
 
     def _forward(self, tokens, positions, mask, cache, column, *, train, rngs):
         x = self.embed(tokens)
+        if self.bigram is not None:
+            none_id = self.cfg.vocab_size
+            first = (
+                jnp.full(tokens.shape[:1], none_id)
+                if cache is None
+                else cache.previous_token(column, none_id)
+            )
+            x = x + self.bigram(bigram_ids(tokens, first, self.cfg.vocab_size))
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = self.dropout(x, deterministic=not train, rngs=rngs)
-        if cache is None:
-            cache = [None] * len(self.blocks)
+        layers = [None] * len(self.blocks) if cache is None else cache.layers
 
         def run_block(block, x, layer_cache, rngs):
             return block(
@@ -487,15 +525,20 @@ class Transformer(nnx.Module):
 
         if self.cfg.remat and train:  # recompute each block's activations in the backward pass
             run_block = nnx.remat(run_block)
-        new_cache = []
-        for block, layer_cache in zip(self.blocks, cache, strict=True):
+        new_layers = []
+        for block, layer_cache in zip(self.blocks, layers, strict=True):
             x, layer_cache = run_block(block, x, layer_cache, rngs)
-            new_cache.append(layer_cache)
+            new_layers.append(layer_cache)
         x = self.final_norm(x).reshape(-1, x.shape[-1])  # 2-D for a fast matmul, as in dense()
         logits = self.embed.attend(x) if self.head is None else self.head(x)
         if self.cfg.logit_softcap:
             logits = self.cfg.logit_softcap * jnp.tanh(logits / self.cfg.logit_softcap)
-        return logits.reshape(*tokens.shape, -1), new_cache
+        if cache is not None:
+            written = cache.tokens
+            if written is not None:
+                written = write_columns(written, tokens.astype(written.dtype), column, axis=1)
+            cache = TransformerCache(new_layers, written)
+        return logits.reshape(*tokens.shape, -1), cache
 
 
 def model_config(

@@ -45,6 +45,11 @@ def architecture(cfg: models.TransformerConfig | models.MLPConfig) -> str:
         raise UserError("model.qk_norm=True (QK-norm) has no standard architecture to export to")
     if cfg.logit_softcap:
         raise UserError("model.logit_softcap > 0 has no standard architecture to export to")
+    if cfg.bigram_embedding:
+        raise UserError(
+            "model.bigram_embedding=True (a bigram table) has no standard architecture to "
+            "export to"
+        )
     if cfg.position == "learned":
         if cfg.norm == "rmsnorm":
             raise UserError(
