@@ -17,6 +17,7 @@ SPEEDRUN_MODEL = {
     "model.activation": "relu2",
     "model.tie_embeddings": False,
     "model.zero_init": True,
+    "model.bigram_embedding": True,
 }
 
 # Each preset sets only the fields that differ from the defaults (the model's in
@@ -86,13 +87,13 @@ PRESETS = {
         "data.context_length": 64,
         "train.optimizer": "muon",
         "train.muon_learning_rate": 0.05,
-        "train.learning_rate": 5e-3,
-        "train.min_learning_rate": 5e-4,
+        "train.learning_rate": 2e-2,
+        "train.min_learning_rate": 2e-3,
         "train.schedule": "wsd",
         "train.decay_fraction": 0.5,
         "train.warmup_steps": 50,
-        "train.num_steps": 200,
-        "train.eval_every": 200,
+        "train.num_steps": 150,
+        "train.eval_every": 150,
     },
     # The GPU counterpart: the nanogpt preset's quality (val 1.47) with the speedrun's changes,
     # bfloat16 matmuls and cuDNN attention. Not yet run on a GPU: its numbers are guesses.

@@ -212,12 +212,13 @@ def _peer_row(peer: dict, target: float) -> dict:
 
 
 def speedrun_table(records: list[dict]) -> str:
-    """The speedrun's record table: nanoGPT's train.py timed alternated with the first
-    record's seeds, then each record (its seeds each in a fresh process)."""
+    """The speedrun's record table: each record (its seeds each in a fresh process) after the
+    runs of nanoGPT's train.py alternated with its seeds; the ratio is whole process over
+    nanoGPT's whole process, means."""
     rows = []
-    for run in records:
+    for run in sorted(records, key=lambda r: r["provenance"]["date"]):
         seeds = run["runs"]
-        if "peer" in run and not rows:
+        if "peer" in run:
             rows.append(_peer_row(run["peer"], run["target"]))
         process = run["mean"].get("process_s")
         rows.append({
@@ -227,11 +228,30 @@ def speedrun_table(records: list[dict]) -> str:
             ),
             "whole process s, mean": "-" if process is None else f"{process:.1f}",
             "of nanoGPT's whole process": (
-                f"{run['mean']['wall_to_target_s'] / run['peer']['mean_process_s']:.2f}"
-                if "peer" in run else "-"
+                f"{process / run['peer']['mean_process_s']:.2f}"
+                if "peer" in run and process is not None else "-"
             ),
             "steps": _slashed(r["steps"] for r in seeds),
             "whole val text": _slashed((r["whole_val_loss"] for r in seeds), "{:.4f}"),
+        })  # fmt: skip
+    return sweeps.markdown_table(rows, list(rows[0]))
+
+
+def ablation_table(records: list[dict]) -> str:
+    """The speedrun's changes added in turn (files named in order): each row's seeds' steps
+    and seconds to the target, and whole processes."""
+    rows = []
+    for run in records:
+        seeds = run["runs"]
+        rows.append({
+            "change": run["label"],
+            "steps, each seed": _slashed(r["steps"] for r in seeds),
+            "steps, mean": f"{run['mean']['steps']:.0f}",
+            f"s to val <= {run['target']:g}, each seed": _slashed(
+                (r["wall_to_target_s"] for r in seeds), "{:.1f}"
+            ),
+            "whole process s, mean": f"{run['mean']['process_s']:.1f}",
+            "ms/step, mean": f"{run['mean']['step_ms']:.0f}",
         })  # fmt: skip
     return sweeps.markdown_table(rows, list(rows[0]))
 
@@ -314,6 +334,14 @@ TABLES: dict[str, Table] = {
             "--out=results/speedrun/records/NAME.json --label=WHAT",
         ),
         speedrun_table,
+    ),
+    "speedrun_ablation": Table(
+        "speedrun/ablation/*.json",
+        (
+            "python experiments/speedrun.py --set=... "
+            "--out=results/speedrun/ablation/N_NAME.json --label=WHAT",
+        ),
+        ablation_table,
     ),
     "demo": Table(
         f"demo/{provenance.FILE}",

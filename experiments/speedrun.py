@@ -23,10 +23,12 @@ torch), each seed is followed by a run of nanoGPT's own train.py (experiments/na
 its README's CPU baby-GPT command for `nanogpt_baby`, config/train_shakespeare_char.py on a
 GPU for `nanogpt`), alternated on the same machine. Both sides are timed two ways: the whole
 process, launch to exit, measured by this script for both (a seed's process here ends by
-saving its model, which this script then scores on the whole validation text), and the time to the target from launch
-(here when the estimate reaches it, there when its evaluation line reports it).
+saving its model, which this script then scores on the whole validation text), and the time
+to the target from launch (here when the estimate reaches it, there when its evaluation line
+reports it).
 """
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -130,7 +132,14 @@ def train_to_target(config, reference: Reference, target: float, check_every: in
         ),
     )  # fmt: skip
     num_steps = jax.numpy.int32(config.train.num_steps)  # the schedule's length
-    step_fn = step_fn.lower(model_state, opt_state, train_tokens, data_key, num_steps).compile()
+    # The step and the estimate compile side by side: XLA compiles without holding the GIL.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        compiled = pool.submit(
+            lambda: step_fn.lower(model_state, opt_state, train_tokens, data_key, num_steps)
+            .compile()
+        )  # fmt: skip
+        estimate = estimate.lower(model_state, val_batches).compile()
+        step_fn = compiled.result()
     started = time.perf_counter() - START
     best, loss, step, losses = math.inf, math.inf, 0, []
     while step < max_steps:

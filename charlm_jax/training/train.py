@@ -11,6 +11,7 @@ resumed run sees exactly the batches an uninterrupted one would. Corpora kept of
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -384,10 +385,15 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path, closing: contextlib
     )
     closing.callback(batches.close)
     num_steps_spec = jax.ShapeDtypeStruct((), jnp.int32)
-    train_step = train_step.lower(
-        model_state, opt_state, batch_spec, data_key, num_steps_spec
-    ).compile()
-    eval_step = make_eval_step(model_def, mesh).lower(model_state, eval_batches).compile()
+    # The two programs compile side by side: XLA compiles without holding the GIL.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        compiling = pool.submit(
+            lambda: make_eval_step(model_def, mesh).lower(model_state, eval_batches).compile()
+        )
+        train_step = train_step.lower(
+            model_state, opt_state, batch_spec, data_key, num_steps_spec
+        ).compile()
+        eval_step = compiling.result()
 
     def evaluate(state: nnx.State) -> tuple[float, float]:
         train_loss, val_loss = jax.device_get(eval_step(state, eval_batches))

@@ -47,8 +47,7 @@ def architecture(cfg: models.TransformerConfig | models.MLPConfig) -> str:
         raise UserError("model.logit_softcap > 0 has no standard architecture to export to")
     if cfg.bigram_embedding:
         raise UserError(
-            "model.bigram_embedding=True (a bigram table) has no standard architecture to "
-            "export to"
+            "model.bigram_embedding=True (a bigram table) has no standard architecture to export to"
         )
     if cfg.position == "learned":
         if cfg.norm == "rmsnorm":
