@@ -354,6 +354,13 @@ TABLES: dict[str, Table] = {
         "--sweep=model.num_layers=2,4 --sweep=model.position=learned,rope "
         "--set=train.num_steps=500 --set=train.eval_every=100 --workdir=results/sweep_small",
     ),
+    "sweep_default": _sweep(
+        "sweep_default",
+        "python experiments/sweep.py --config=configs/transformer.py:speedrun "
+        "--sweep=model.num_layers=4,6 --sweep=data.context_length=64,128,256 "
+        "--set=train.num_steps=100000 --set=train.time_budget_s=285 --set=train.eval_every=250 "
+        "--set=train.log_every=100 --workdir=results/sweep_default",
+    ),
     "compare": _sweep(
         "compare",
         "python experiments/compare_mlp_transformer.py "

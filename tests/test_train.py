@@ -234,6 +234,56 @@ def test_time_budget_schedule_decays_to_the_estimated_end(tmp_path, text_file, m
     assert lrs[end] < lrs[end - 1] < config.train.learning_rate
 
 
+def test_time_budget_estimates_again_from_the_mean_step_time(tmp_path, text_file, monkeypatch):
+    """The ten timed steps run at 0.8 s, every other at 1 s: the first estimate overshoots the
+    100 s, and the one made a quarter into the budget (from the steps since the first) moves
+    the schedule's end to the step that fits, where the run ends, its decay complete."""
+    clock = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    steps = [0]
+
+    def timed_steps_fast():
+        steps[0] += 1
+        clock[0] += 0.8 if 2 <= steps[0] <= 11 else 1.0
+
+    config = tiny_config(**{
+        "data.path": str(text_file), "train.num_steps": 1000, "train.time_budget_s": 100.0,
+        "train.schedule": "wsd", "train.eval_every": 1000, "train.log_every": 1,
+    })  # fmt: skip
+    summary = train.train_and_evaluate(config, tmp_path / "run", timed_steps_fast)
+    # Re-estimated at step 27 (25 s): 1 s a step, 75 s left less the final evaluation.
+    eval_s = 2 * config.train.eval_batches / 3
+    end = 27 + math.floor((100 - 25 - 2 * eval_s) / (1 + eval_s / 1000))
+    assert summary["steps"] == summary["schedule_steps"] == end
+    assert summary["wall_time_s"] <= 100
+    _, schedule = train.create_optimizer(config.train)
+    lrs = {r["step"]: r["lr"] for r in read_history(tmp_path / "run") if r["kind"] == "train"}
+    assert lrs[end] == pytest.approx(float(schedule(end - 1, end)), rel=1e-6)
+
+
+def test_time_budget_stops_at_the_log_before_steps_that_would_overrun(
+    tmp_path, text_file, monkeypatch
+):
+    """Steps slow from 1 s to 1.1 s after the re-estimate (step 30: the end is 97, which
+    would now end at 100.7 s): at the log of step 90 (93 s) the next 7 steps and the final
+    evaluation no longer fit, so the run evaluates and stops there, inside the budget."""
+    clock, steps = [0.0], [0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def slowing():
+        steps[0] += 1
+        clock[0] += 1.1 if steps[0] > 60 else 1.0
+
+    config = tiny_config(**{
+        "data.path": str(text_file), "train.num_steps": 1000, "train.time_budget_s": 100.0,
+        "train.schedule": "wsd", "train.eval_every": 1000, "train.log_every": 10,
+    })  # fmt: skip
+    summary = train.train_and_evaluate(config, tmp_path / "run", slowing)
+    assert summary["schedule_steps"] == 97
+    assert summary["steps"] == 90 and summary["stop_reason"] == "time budget: 100 s"
+    assert summary["wall_time_s"] <= 100
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

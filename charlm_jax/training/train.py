@@ -487,16 +487,25 @@ def budget_end_step(step: int, seconds_left: float, step_s: float, eval_s: float
 
 @dataclasses.dataclass
 class _Budget:
-    """`train.time_budget_s`: times the session's first steps once, estimates from them the
-    step the budget reaches (which the learning-rate schedule then ends at), and says when
-    the time left only holds the final evaluation and checkpoint."""
+    """`train.time_budget_s`: times the session's first steps, estimates from them the step
+    the budget reaches (which the learning-rate schedule then ends at), estimates it again
+    from the mean step time once a quarter of the budget is spent, and says when the time
+    left only holds the final evaluation and checkpoint."""
 
-    deadline: float  # time.perf_counter() at which the budget is spent
+    started: float  # time.perf_counter() at the session's start
+    seconds: float  # the budget
     first_step: int  # the session's
     eval_every: int
     eval_steps: float  # an evaluation and checkpoint's cost in train steps, estimated
     eval_s: float = 0.0  # an evaluation and checkpoint: estimated, then the last one measured
+    eval_measured: bool = False
     timing_start: float = 0.0
+    since: tuple[float, int] | None = None  # (train seconds, timed steps) at the first refit
+    refitted: bool = False
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.seconds
 
     def observe(self, step: int, metrics) -> int | None:
         """Called after each step: waits for the steps timed (the first one, a warm-up, is
@@ -509,13 +518,40 @@ class _Budget:
             self.timing_start = now
             return None
         step_s = (now - self.timing_start) / BUDGET_TIMING_STEPS
-        self.eval_s = self.eval_steps * step_s
         logging.info("time budget: %.1f ms per step measured", 1000 * step_s)
+        return self._end(step, step_s, now)
+
+    def refit(self, step: int, train_seconds: float, timed_steps: int) -> int | None:
+        """At a log (with the run's seconds in train steps and their count so far): once, at
+        the first log past a quarter of the budget, the step the budget reaches estimated
+        again from the mean step time since the first estimate (ten steps' timing is off by
+        several percent); else None. Later the end stays, so that a decay keeps it."""
+        now = time.perf_counter()
+        if self.refitted or step <= self.first_step + 1 + BUDGET_TIMING_STEPS:
+            return None
+        if self.since is None:  # the first log after the first estimate
+            self.since = (train_seconds, timed_steps)
+            return None
+        if now - self.started < self.seconds / 4 or timed_steps == self.since[1]:
+            return None
+        self.refitted = True
+        step_s = (train_seconds - self.since[0]) / (timed_steps - self.since[1])
+        logging.info("time budget: %.1f ms per step on average", 1000 * step_s)
+        return self._end(step, step_s, now)
+
+    def _end(self, step: int, step_s: float, now: float) -> int:
+        if not self.eval_measured:
+            self.eval_s = self.eval_steps * step_s
         return budget_end_step(step, self.deadline - now, step_s, self.eval_s, self.eval_every)
 
-    def spent(self) -> bool:
-        """Whether the time left holds no more than the final evaluation and checkpoint."""
-        return time.perf_counter() + 2 * self.eval_s >= self.deadline
+    def evaluated(self, seconds: float) -> None:
+        self.eval_s, self.eval_measured = seconds, True
+
+    def spent(self, steps_to_next_log: int, step_s: float) -> bool:
+        """Whether the steps up to the next log would leave less than the final evaluation
+        and checkpoint: then the run stops at this log."""
+        ahead = steps_to_next_log * step_s + 2 * self.eval_s
+        return time.perf_counter() + ahead >= self.deadline
 
 
 def _plot_loss_curve(run: _Run) -> None:
@@ -579,7 +615,7 @@ def _train(run: _Run, model_state, opt_state, stop, started: float) -> tuple[int
     # An evaluation's forward passes, each about a third of a train step's (forward, backward).
     eval_steps = 2 * tc.eval_batches / (3 * tc.grad_accum_steps)
     budget = (
-        _Budget(started + tc.time_budget_s, step, tc.eval_every, eval_steps)
+        _Budget(started, tc.time_budget_s, step, tc.eval_every, eval_steps)
         if tc.time_budget_s else None
     )  # fmt: skip
     budget_reason = f"time budget: {tc.time_budget_s:g} s"
@@ -594,20 +630,26 @@ def _train(run: _Run, model_state, opt_state, stop, started: float) -> tuple[int
         step, interrupted = step + 1, stop()
         pending.append(metrics)
         if budget and (budget_end := budget.observe(step, metrics)) is not None:
-            end = run.progress.total = min(end, budget_end)
+            end = run.progress.total = min(tc.num_steps, budget_end)
             schedule_steps = _step_scalar(run, end)
         is_eval = step % tc.eval_every == 0 or step == end or interrupted
         is_checkpoint = tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0
         if not (is_eval or is_checkpoint or step % tc.log_every == 0):
             continue
         _log_interval(run, step, pending, tick, end)
-        pending = []
-        out_of_time = budget is not None and budget.spent()
+        pending, out_of_time = [], False
+        if budget:
+            if (refitted := budget.refit(step, run.train_seconds, run.timed_steps)) is not None:
+                end = run.progress.total = min(tc.num_steps, refitted)
+                schedule_steps = _step_scalar(run, end)
+                is_eval = is_eval or step == end
+            next_log = min(tc.log_every - step % tc.log_every, end - step)
+            out_of_time = budget.spent(next_log, run.train_seconds / run.timed_steps)
         if is_eval or out_of_time:
             evaluated = time.perf_counter()
             _evaluate_and_checkpoint(run, step, model_state, opt_state)
             if budget:
-                budget.eval_s = time.perf_counter() - evaluated
+                budget.evaluated(time.perf_counter() - evaluated)
             stop_reason = (
                 interrupted or (budget_reason if out_of_time else None)
                 or _early_stop(tc, run.val_history())
