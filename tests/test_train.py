@@ -234,53 +234,41 @@ def test_time_budget_schedule_decays_to_the_estimated_end(tmp_path, text_file, m
     assert lrs[end] < lrs[end - 1] < config.train.learning_rate
 
 
-def test_time_budget_estimates_again_from_the_mean_step_time(tmp_path, text_file, monkeypatch):
-    """The ten timed steps run at 0.8 s, every other at 1 s: the first estimate overshoots the
-    100 s, and the one made a quarter into the budget (from the steps since the first) moves
-    the schedule's end to the step that fits, where the run ends, its decay complete."""
-    clock = [0.0]
-    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    steps = [0]
-
-    def timed_steps_fast():
-        steps[0] += 1
-        clock[0] += 0.8 if 2 <= steps[0] <= 11 else 1.0
-
-    config = tiny_config(**{
-        "data.path": str(text_file), "train.num_steps": 1000, "train.time_budget_s": 100.0,
-        "train.schedule": "wsd", "train.eval_every": 1000, "train.log_every": 1,
-    })  # fmt: skip
-    summary = train.train_and_evaluate(config, tmp_path / "run", timed_steps_fast)
-    # Re-estimated at step 27 (25 s): 1 s a step, 75 s left less the final evaluation.
-    eval_s = 2 * config.train.eval_batches / 3
-    end = 27 + math.floor((100 - 25 - 2 * eval_s) / (1 + eval_s / 1000))
-    assert summary["steps"] == summary["schedule_steps"] == end
-    assert summary["wall_time_s"] <= 100
-    _, schedule = train.create_optimizer(config.train)
-    lrs = {r["step"]: r["lr"] for r in read_history(tmp_path / "run") if r["kind"] == "train"}
-    assert lrs[end] == pytest.approx(float(schedule(end - 1, end)), rel=1e-6)
-
-
-def test_time_budget_stops_at_the_log_before_steps_that_would_overrun(
-    tmp_path, text_file, monkeypatch
-):
-    """Steps slow from 1 s to 1.1 s after the re-estimate (step 30: the end is 97, which
-    would now end at 100.7 s): at the log of step 90 (93 s) the next 7 steps and the final
-    evaluation no longer fit, so the run evaluates and stops there, inside the budget."""
+def _budget_run(tmp_path, text_file, monkeypatch, step_seconds, log_every: int) -> dict:
+    """A 100 s budget on a clock that only moves in steps, step N taking step_seconds(N)."""
     clock, steps = [0.0], [0]
     monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
-    def slowing():
+    def one_step():
         steps[0] += 1
-        clock[0] += 1.1 if steps[0] > 60 else 1.0
+        clock[0] += step_seconds(steps[0])
 
     config = tiny_config(**{
         "data.path": str(text_file), "train.num_steps": 1000, "train.time_budget_s": 100.0,
-        "train.schedule": "wsd", "train.eval_every": 1000, "train.log_every": 10,
+        "train.schedule": "wsd", "train.eval_every": 1000, "train.log_every": log_every,
     })  # fmt: skip
-    summary = train.train_and_evaluate(config, tmp_path / "run", slowing)
-    assert summary["schedule_steps"] == 97
-    assert summary["steps"] == 90 and summary["stop_reason"] == "time budget: 100 s"
+    return train.train_and_evaluate(config, tmp_path / "run", one_step)
+
+
+def test_time_budget_estimates_again_when_the_first_timing_was_fast(
+    tmp_path, text_file, monkeypatch
+):
+    """The ten timed steps run at 0.8 s and every other at 1 s: the first estimate (step 121)
+    overshoots the 100 s, and the next ones move the schedule's end to step 99, which ends
+    at 97 s, leaving the final evaluation's reserve (2 x 1.33 s)."""
+    summary = _budget_run(tmp_path, text_file, monkeypatch,
+                          lambda n: 0.8 if 2 <= n <= 11 else 1.0, log_every=1)  # fmt: skip
+    assert summary["steps"] == summary["schedule_steps"] == 99
+    assert summary["stop_reason"] == "time budget: 100 s" and summary["wall_time_s"] <= 100
+
+
+def test_time_budget_follows_steps_that_slow_during_the_decay(tmp_path, text_file, monkeypatch):
+    """Steps slow from 1 s to 1.1 s after step 60, inside the decay: the end fixed before
+    (step 97) would end at 100.7 s; the estimates at the logs of steps 70, 80 and 90 move it
+    to step 93 (96.3 s)."""
+    summary = _budget_run(tmp_path, text_file, monkeypatch,
+                          lambda n: 1.1 if n > 60 else 1.0, log_every=10)  # fmt: skip
+    assert summary["steps"] == summary["schedule_steps"] == 93
     assert summary["wall_time_s"] <= 100
 
 

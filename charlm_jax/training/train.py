@@ -488,24 +488,19 @@ def budget_end_step(step: int, seconds_left: float, step_s: float, eval_s: float
 @dataclasses.dataclass
 class _Budget:
     """`train.time_budget_s`: times the session's first steps, estimates from them the step
-    the budget reaches (which the learning-rate schedule then ends at), estimates it again
-    from the mean step time once a quarter of the budget is spent, and says when the time
-    left only holds the final evaluation and checkpoint."""
+    the budget reaches (which the learning-rate schedule then ends at), and estimates it
+    again at each log from the steps since the last estimate: a step's time drifts by 10%
+    over minutes on a shared machine, and the schedule follows it."""
 
-    started: float  # time.perf_counter() at the session's start
-    seconds: float  # the budget
+    deadline: float  # time.perf_counter() at which the budget is spent
     first_step: int  # the session's
     eval_every: int
     eval_steps: float  # an evaluation and checkpoint's cost in train steps, estimated
     eval_s: float = 0.0  # an evaluation and checkpoint: estimated, then the last one measured
     eval_measured: bool = False
     timing_start: float = 0.0
-    since: tuple[float, int] | None = None  # (train seconds, timed steps) at the first refit
-    refitted: bool = False
-
-    @property
-    def deadline(self) -> float:
-        return self.started + self.seconds
+    step_s: float = 0.0  # the last estimate's step time
+    mark: tuple[float, int] = (0.0, 0)  # (train seconds, timed steps) at the last estimate
 
     def observe(self, step: int, metrics) -> int | None:
         """Called after each step: waits for the steps timed (the first one, a warm-up, is
@@ -517,41 +512,29 @@ class _Budget:
         if step == self.first_step + 1:
             self.timing_start = now
             return None
-        step_s = (now - self.timing_start) / BUDGET_TIMING_STEPS
-        logging.info("time budget: %.1f ms per step measured", 1000 * step_s)
-        return self._end(step, step_s, now)
+        end = self._end(step, (now - self.timing_start) / BUDGET_TIMING_STEPS, now)
+        logging.info("time budget: %.1f ms per step measured", 1000 * self.step_s)
+        return end
 
     def refit(self, step: int, train_seconds: float, timed_steps: int) -> int | None:
-        """At a log (with the run's seconds in train steps and their count so far): once, at
-        the first log past a quarter of the budget, the step the budget reaches estimated
-        again from the mean step time since the first estimate (ten steps' timing is off by
-        several percent); else None. Later the end stays, so that a decay keeps it."""
+        """At a log, given the run's seconds in train steps and their count: the step the
+        budget reaches, from the mean step time since the last estimate (None while fewer
+        than BUDGET_TIMING_STEPS steps were timed since, unless the budget is spent)."""
+        seconds, steps = train_seconds - self.mark[0], timed_steps - self.mark[1]
         now = time.perf_counter()
-        if self.refitted or step <= self.first_step + 1 + BUDGET_TIMING_STEPS:
+        if steps < BUDGET_TIMING_STEPS and now < self.deadline:
             return None
-        if self.since is None:  # the first log after the first estimate
-            self.since = (train_seconds, timed_steps)
-            return None
-        if now - self.started < self.seconds / 4 or timed_steps == self.since[1]:
-            return None
-        self.refitted = True
-        step_s = (train_seconds - self.since[0]) / (timed_steps - self.since[1])
-        logging.info("time budget: %.1f ms per step on average", 1000 * step_s)
-        return self._end(step, step_s, now)
+        self.mark = (train_seconds, timed_steps)
+        return self._end(step, seconds / steps if steps else self.step_s, now)
 
     def _end(self, step: int, step_s: float, now: float) -> int:
+        self.step_s = step_s
         if not self.eval_measured:
             self.eval_s = self.eval_steps * step_s
         return budget_end_step(step, self.deadline - now, step_s, self.eval_s, self.eval_every)
 
     def evaluated(self, seconds: float) -> None:
         self.eval_s, self.eval_measured = seconds, True
-
-    def spent(self, steps_to_next_log: int, step_s: float) -> bool:
-        """Whether the steps up to the next log would leave less than the final evaluation
-        and checkpoint: then the run stops at this log."""
-        ahead = steps_to_next_log * step_s + 2 * self.eval_s
-        return time.perf_counter() + ahead >= self.deadline
 
 
 def _plot_loss_curve(run: _Run) -> None:
@@ -615,7 +598,7 @@ def _train(run: _Run, model_state, opt_state, stop, started: float) -> tuple[int
     # An evaluation's forward passes, each about a third of a train step's (forward, backward).
     eval_steps = 2 * tc.eval_batches / (3 * tc.grad_accum_steps)
     budget = (
-        _Budget(started, tc.time_budget_s, step, tc.eval_every, eval_steps)
+        _Budget(started + tc.time_budget_s, step, tc.eval_every, eval_steps)
         if tc.time_budget_s else None
     )  # fmt: skip
     budget_reason = f"time budget: {tc.time_budget_s:g} s"
@@ -637,23 +620,17 @@ def _train(run: _Run, model_state, opt_state, stop, started: float) -> tuple[int
         if not (is_eval or is_checkpoint or step % tc.log_every == 0):
             continue
         _log_interval(run, step, pending, tick, end)
-        pending, out_of_time = [], False
-        if budget:
-            if (refitted := budget.refit(step, run.train_seconds, run.timed_steps)) is not None:
-                end = run.progress.total = min(tc.num_steps, refitted)
-                schedule_steps = _step_scalar(run, end)
-                is_eval = is_eval or step == end
-            next_log = min(tc.log_every - step % tc.log_every, end - step)
-            out_of_time = budget.spent(next_log, run.train_seconds / run.timed_steps)
-        if is_eval or out_of_time:
+        pending = []
+        if budget and (budget_end := budget.refit(step, run.train_seconds, run.timed_steps)):
+            end = run.progress.total = min(tc.num_steps, budget_end)
+            schedule_steps = _step_scalar(run, end)
+            is_eval = is_eval or step == end
+        if is_eval:
             evaluated = time.perf_counter()
             _evaluate_and_checkpoint(run, step, model_state, opt_state)
             if budget:
                 budget.evaluated(time.perf_counter() - evaluated)
-            stop_reason = (
-                interrupted or (budget_reason if out_of_time else None)
-                or _early_stop(tc, run.val_history())
-            )  # fmt: skip
+            stop_reason = interrupted or _early_stop(tc, run.val_history())
         elif is_checkpoint:
             checkpoints.save(run.manager, step, model_state, opt_state)
         tick = time.perf_counter()
