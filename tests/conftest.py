@@ -19,9 +19,11 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import pytest
 
+from charlm_jax.config_defaults import base_config
 from charlm_jax.data.text_files import embedded_tiny_shakespeare
+from charlm_jax.model.config import default_section
 from charlm_jax.training import parallel, train
-from configs import mlp, transformer  # importable: pytest's `pythonpath` is the repository root
+from configs import mlp  # importable: pytest's `pythonpath` is the repository root
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +55,10 @@ TINY_TRAIN = {
 
 
 def tiny_config(name: str = "transformer", **overrides):
-    config = {"transformer": transformer, "mlp": mlp}[name].get_config()
+    # The Transformer's plain defaults: its default preset is the speedrun's recipe.
+    plain = {"transformer": lambda: base_config(default_section("transformer")),
+             "mlp": mlp.get_config}  # fmt: skip
+    config = plain[name]()
     for dotted, value in {**TINY_MODEL[name], **TINY_TRAIN, **overrides}.items():
         section, field = dotted.split(".")
         config[section][field] = value

@@ -19,7 +19,7 @@ from conftest import ROOT, TINY_MODEL, TINY_TRAIN
 from charlm_jax import cli
 
 CONFIG = str(ROOT / "configs" / "transformer.py")
-CONFIG_FLAG = f"--config={CONFIG}"
+CONFIG_FLAG = f"--config={CONFIG}:nanogpt_baby"  # the plain model (default: the speedrun's)
 TINY_FLAGS = [f"--config.{k}={v}" for k, v in {**TINY_MODEL["transformer"], **TINY_TRAIN}.items()]
 
 

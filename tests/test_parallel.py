@@ -94,7 +94,7 @@ def main_command(workdir, text_file, *extra: str) -> list[str]:
     """The command line for tiny_config(**STEPS) on `text_file`."""
     overrides = {**TINY_MODEL["transformer"], **TINY_TRAIN, **STEPS, "data.path": text_file}
     return [
-        sys.executable, "-m", "charlm_jax.main", "--config=configs/transformer.py",
+        sys.executable, "-m", "charlm_jax.main", "--config=configs/transformer.py:nanogpt_baby",
         f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items()), *extra,
     ]  # fmt: skip
 

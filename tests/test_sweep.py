@@ -74,7 +74,7 @@ def test_every_config_is_checked_before_any_run(tmp_path, sweep, message):
 def test_sweep_grid_table_plots_failures_and_skip(tmp_path):
     # A NaN learning rate passes validation but diverges: those runs fail while training.
     runs = sweeps.expand_grid(
-        CONFIG,
+        CONFIG + ":nanogpt_baby",  # the plain model, whose parameter counts are checked
         ["model.num_layers=1,2", "train.learning_rate=3e-3,nan"],
         tiny_sets("model.num_layers", "train.learning_rate"),
     )
