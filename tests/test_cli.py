@@ -18,8 +18,9 @@ from conftest import ROOT, TINY_MODEL, TINY_TRAIN
 
 from charlm_jax import cli
 
-CONFIG = str(ROOT / "configs" / "transformer.py")
-CONFIG_FLAG = f"--config={CONFIG}:nanogpt_baby"  # the plain model (default: the speedrun's)
+CONFIG_FILE = str(ROOT / "configs" / "transformer.py")
+CONFIG = f"{CONFIG_FILE}:nanogpt_baby"  # the plain model (the default preset: the speedrun's)
+CONFIG_FLAG = f"--config={CONFIG}"
 TINY_FLAGS = [f"--config.{k}={v}" for k, v in {**TINY_MODEL["transformer"], **TINY_TRAIN}.items()]
 
 
@@ -132,7 +133,7 @@ def test_bad_input_gives_one_line_error(tmp_path, capfd, make_args, message):
 
 
 def test_unknown_preset_is_a_clear_error(tmp_path, capfd):
-    args = [f"--config={CONFIG}:huge", f"--workdir={tmp_path}"]
+    args = [f"--config={CONFIG_FILE}:huge", f"--workdir={tmp_path}"]
     result = main_in_process(capfd, "charlm_jax.main", *args)
     assert_one_line_error(result, "unknown preset 'huge'")
 
