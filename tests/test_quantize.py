@@ -165,10 +165,12 @@ def test_export_is_smaller_and_loads_as_it_was_quantized(workdir, tmp_path):
     def nbytes(model):
         return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
 
-    # Tiny models: float embeddings and scales weigh more, and so does orbax's metadata.
+    # Tiny models: float embeddings and scales weigh more, and so does orbax's metadata,
+    # whose size varies from save to save (the export measured 0.62-0.74 of the float
+    # checkpoint; a float32 export would be about 1.0).
     assert nbytes(exported.model) < 0.4 * nbytes(float_run.model)
     original = workdir / checkpoints.CHECKPOINT_DIR / str(float_run.step) / "model"
-    assert disk(path / "model") < 0.7 * disk(original)
+    assert disk(path / "model") < 0.85 * disk(original)
 
 
 def test_bad_input(workdir, tmp_path):
