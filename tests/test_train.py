@@ -204,22 +204,31 @@ def test_time_budget_stops_training_and_the_summary_says_why(tmp_path, text_file
     assert (tmp_path / "run" / "checkpoints" / "10").is_dir()
 
 
+def _budget_run(tmp_path, text_file, monkeypatch, step_seconds, log_every: int,
+                budget_s: float = 100.0):  # fmt: skip
+    """A wsd run with a budget of `budget_s` on a clock that only moves in steps, step N
+    taking step_seconds(N): (its summary, its config)."""
+    clock, steps = [0.0], [0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def one_step():
+        steps[0] += 1
+        clock[0] += step_seconds(steps[0])
+
+    config = tiny_config(**{
+        "data.path": str(text_file), "train.num_steps": 1000, "train.time_budget_s": budget_s,
+        "train.schedule": "wsd", "train.eval_every": 1000, "train.log_every": log_every,
+    })  # fmt: skip
+    return train.train_and_evaluate(config, tmp_path / "run", one_step), config
+
+
 def test_time_budget_schedule_decays_to_the_estimated_end(tmp_path, text_file, monkeypatch):
     """On a clock that moves 1 s per step, the budget's steps are known: 11 timed steps,
     then what the 50 s leave after the final evaluation and checkpoint, over 1 s a step (and
     each step's share of the evaluations). The wsd schedule's decay ends exactly there, and
     the logged rates are the schedule fitted to it."""
-    clock = [0.0]
-    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-
-    def one_second_per_step():
-        clock[0] += 1.0
-
-    config = tiny_config(**{
-        "data.path": str(text_file), "train.num_steps": 1000, "train.time_budget_s": 50.0,
-        "train.schedule": "wsd", "train.eval_every": 1000, "train.log_every": 1,
-    })  # fmt: skip
-    summary = train.train_and_evaluate(config, tmp_path / "run", one_second_per_step)
+    summary, config = _budget_run(tmp_path, text_file, monkeypatch, lambda n: 1.0,
+                                  log_every=1, budget_s=50.0)  # fmt: skip
     eval_s = 2 * config.train.eval_batches / 3  # estimated from the step time (1 s)
     end = 11 + math.floor((50 - 11 - 2 * eval_s) / (1 + eval_s / 1000))
     assert summary["steps"] == summary["schedule_steps"] == end
@@ -234,30 +243,14 @@ def test_time_budget_schedule_decays_to_the_estimated_end(tmp_path, text_file, m
     assert lrs[end] < lrs[end - 1] < config.train.learning_rate
 
 
-def _budget_run(tmp_path, text_file, monkeypatch, step_seconds, log_every: int) -> dict:
-    """A 100 s budget on a clock that only moves in steps, step N taking step_seconds(N)."""
-    clock, steps = [0.0], [0]
-    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-
-    def one_step():
-        steps[0] += 1
-        clock[0] += step_seconds(steps[0])
-
-    config = tiny_config(**{
-        "data.path": str(text_file), "train.num_steps": 1000, "train.time_budget_s": 100.0,
-        "train.schedule": "wsd", "train.eval_every": 1000, "train.log_every": log_every,
-    })  # fmt: skip
-    return train.train_and_evaluate(config, tmp_path / "run", one_step)
-
-
 def test_time_budget_estimates_again_when_the_first_timing_was_fast(
     tmp_path, text_file, monkeypatch
 ):
     """The ten timed steps run at 0.8 s and every other at 1 s: the first estimate (step 121)
     overshoots the 100 s, and the next ones move the schedule's end to step 99, which ends
     at 97 s, leaving the final evaluation's reserve (2 x 1.33 s)."""
-    summary = _budget_run(tmp_path, text_file, monkeypatch,
-                          lambda n: 0.8 if 2 <= n <= 11 else 1.0, log_every=1)  # fmt: skip
+    summary, _ = _budget_run(tmp_path, text_file, monkeypatch,
+                             lambda n: 0.8 if 2 <= n <= 11 else 1.0, log_every=1)  # fmt: skip
     assert summary["steps"] == summary["schedule_steps"] == 99
     assert summary["stop_reason"] == "time budget: 100 s" and summary["wall_time_s"] <= 100
 
@@ -266,8 +259,8 @@ def test_time_budget_follows_steps_that_slow_during_the_decay(tmp_path, text_fil
     """Steps slow from 1 s to 1.1 s after step 60, inside the decay: the end fixed before
     (step 97) would end at 100.7 s; the estimates at the logs of steps 70, 80 and 90 move it
     to step 93 (96.3 s)."""
-    summary = _budget_run(tmp_path, text_file, monkeypatch,
-                          lambda n: 1.1 if n > 60 else 1.0, log_every=10)  # fmt: skip
+    summary, _ = _budget_run(tmp_path, text_file, monkeypatch,
+                             lambda n: 1.1 if n > 60 else 1.0, log_every=10)  # fmt: skip
     assert summary["steps"] == summary["schedule_steps"] == 93
     assert summary["wall_time_s"] <= 100
 
